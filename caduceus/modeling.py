@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from caduceus import ops
 from caduceus.configuration import CaduceusModelConfig
-from caduceus.tokenizer import PAD_ID
+from caduceus.tokenizer import PAD_ID, reverse_complement_ids
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -317,6 +317,24 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=ignore_index, reduction="sum")
     return loss / (labels != ignore_index).sum().clamp(min=1)
+
+
+def conjoined_logits(
+    model: CaduceusForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Masked-LM logits that treat both strands alike, in forward coordinates.
+
+    PS models are RC-equivariant by construction, so one pass suffices. Ph models are conjoined post
+    hoc, as in the paper: the reverse-complement strand is run, mapped back and averaged in.
+    """
+    forward = model(input_ids, attention_mask).logits
+    if model.config.rcps:
+        return forward
+    complement = torch.tensor([model.config.complement_map[i] for i in range(model.config.vocab_size)],
+                              device=input_ids.device)
+    rc_mask = None if attention_mask is None else attention_mask.flip(-1)
+    rc = model(reverse_complement_ids(input_ids), rc_mask).logits.flip(1)[..., complement]
+    return (forward + rc) / 2
 
 
 class CaduceusForMaskedLM(nn.Module):

@@ -39,23 +39,16 @@ def _exp2_parts(x: float) -> tuple[float, int]:
 
 
 @njit(inline="always")
-def _dt_of(raw: float, bias: float, softplus: bool) -> tuple[float, float]:
-    """(dt, d dt / d raw): softplus(raw + bias), identity above 20 as in mamba_ssm."""
-    v = raw + bias
-    if softplus and v <= 20.0:
-        e = math.exp(v)
-        return math.log1p(e), e / (1.0 + e)
-    return v, 1.0
-
-
-@njit(inline="always")
 def _position(step: int, length: int, reverse: bool) -> int:
     return length - 1 - step if reverse else step
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def scan_forward(u, delta, A, B, C, D, z, bias, has_z, softplus, reverse, y, states):
-    """y (b, l, d) = gated scan output; states (b, n_chunks, d, n) = state before each chunk."""
+def scan_forward(u, dt, A, B, C, D, reverse, y, states):
+    """y (b, l, d) = C·h + D·u; states (b, n_chunks, d, n) = the state before each chunk.
+
+    ``dt`` is the activated step (softplus already applied): the scalar softplus and gate cost more
+    than the vectorised scan here, so PyTorch does them outside."""
     batch, length, dim = u.shape
     n_state = A.shape[1]
     n_blocks = (dim + BLOCK_D - 1) // BLOCK_D
@@ -78,28 +71,23 @@ def scan_forward(u, delta, A, B, C, D, z, bias, has_z, softplus, reverse, y, sta
                         states[b, step // CHUNK, d, n] = h[d - d0, n]
             t = _position(step, length, reverse)
             for d in range(d0, d1):
-                dt, _ = _dt_of(delta[b, t, d], bias[d], softplus)
+                step_dt = dt[b, t, d]
                 ut = u[b, t, d]
-                du = dt * ut
+                du = step_dt * ut
                 for n in range(n_state):
-                    mant[n], bits[n] = _exp2_parts(dt * A2[d - d0, n])
+                    mant[n], bits[n] = _exp2_parts(step_dt * A2[d - d0, n])
                 acc = np.float32(0.0)
                 for n in range(n_state):
                     hn = mant[n] * scale[n] * h[d - d0, n] + du * B[b, t, n]
                     h[d - d0, n] = hn
                     acc += hn * C[b, t, n]
-                out = acc + D[d] * ut
-                if has_z:
-                    zt = z[b, t, d]
-                    out *= zt / (1.0 + math.exp(-zt))
-                y[b, t, d] = out
+                y[b, t, d] = acc + D[d] * ut
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def scan_backward(u, delta, A, B, C, D, z, bias, has_z, softplus, reverse, states, dy,
-                  du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part):
-    """Gradients; dA/dD/dbias per batch row and dB/dC per channel block, summed by the caller in a
-    fixed order so that the result is deterministic."""
+def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_part, dC_part, dD_part):
+    """Gradients; dA/dD per batch row and dB/dC per channel block, summed by the caller in a fixed
+    order so that the result is deterministic."""
     batch, length, dim = u.shape
     n_state = A.shape[1]
     n_blocks = (dim + BLOCK_D - 1) // BLOCK_D
@@ -125,10 +113,10 @@ def scan_backward(u, delta, A, B, C, D, z, bias, has_z, softplus, reverse, state
                 t = _position(step, length, reverse)
                 i = step - s0
                 for d in range(d0, d1):
-                    dt, _ = _dt_of(delta[b, t, d], bias[d], softplus)
-                    du_ = dt * u[b, t, d]
+                    step_dt = dt[b, t, d]
+                    du_ = step_dt * u[b, t, d]
                     for n in range(n_state):
-                        mant[n], bits[n] = _exp2_parts(dt * A[d, n] * _LOG2E)
+                        mant[n], bits[n] = _exp2_parts(step_dt * A[d, n] * _LOG2E)
                     for n in range(n_state):
                         hs[i + 1, d - d0, n] = mant[n] * scale[n] * hs[i, d - d0, n] + du_ * B[b, t, n]
             for step in range(s1 - 1, s0 - 1, -1):
@@ -136,35 +124,24 @@ def scan_backward(u, delta, A, B, C, D, z, bias, has_z, softplus, reverse, state
                 i = step - s0
                 for d in range(d0, d1):
                     j = d - d0
-                    dt, ddt_draw = _dt_of(delta[b, t, d], bias[d], softplus)
+                    step_dt = dt[b, t, d]
                     ut = u[b, t, d]
                     g = dy[b, t, d]
-                    if has_z:
-                        acc = np.float32(0.0)
-                        for n in range(n_state):
-                            acc += hs[i + 1, j, n] * C[b, t, n]
-                        yt = acc + D[d] * ut
-                        zt = z[b, t, d]
-                        sig = 1.0 / (1.0 + math.exp(-zt))
-                        dz[b, t, d] = g * yt * sig * (1.0 + zt * (1.0 - sig))
-                        g = g * zt * sig
                     dD_part[b, d] += g * ut
                     du_t = g * D[d]
                     for n in range(n_state):
-                        mant[n], bits[n] = _exp2_parts(dt * A[d, n] * _LOG2E)
+                        mant[n], bits[n] = _exp2_parts(step_dt * A[d, n] * _LOG2E)
                     for n in range(n_state):
                         decay[n] = mant[n] * scale[n]
-                    ddt = np.float32(0.0)
+                    ddt_t = np.float32(0.0)
                     for n in range(n_state):
                         dC_part[blk, b, t, n] += g * hs[i + 1, j, n]
                         dhn = dh[j, n] + g * C[b, t, n]
                         h_prev = hs[i, j, n]
-                        ddt += dhn * (A[d, n] * decay[n] * h_prev + B[b, t, n] * ut)
-                        dA_part[b, d, n] += dhn * dt * decay[n] * h_prev
-                        dB_part[blk, b, t, n] += dhn * dt * ut
-                        du_t += dhn * dt * B[b, t, n]
+                        ddt_t += dhn * (A[d, n] * decay[n] * h_prev + B[b, t, n] * ut)
+                        dA_part[b, d, n] += dhn * step_dt * decay[n] * h_prev
+                        dB_part[blk, b, t, n] += dhn * step_dt * ut
+                        du_t += dhn * step_dt * B[b, t, n]
                         dh[j, n] = decay[n] * dhn
                     du[b, t, d] = du_t
-                    draw = ddt * ddt_draw
-                    ddelta[b, t, d] = draw
-                    dbias_part[b, d] += draw
+                    ddt[b, t, d] = ddt_t

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from caduceus import ops
+from caduceus.ops import cpu, reference
+from tests.conftest import relative_error
+
+
+def scan_inputs(batch, length, dim, n_state=16, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+    return dict(u=r(batch, length, dim), delta=r(batch, length, dim), A=-torch.rand(dim, n_state, generator=g,
+                dtype=dtype) * 4, B=r(batch, length, n_state), C=r(batch, length, n_state), D=r(dim),
+                z=r(batch, length, dim), delta_bias=r(dim) * 0.5)
+
+
+def run_with_grads(fn, inputs, dtype, reverse, cotangent_seed=1):
+    leaves = {k: v.to(dtype).clone().requires_grad_() for k, v in inputs.items()}
+    y = fn(**leaves, delta_softplus=True, reverse=reverse)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(cotangent_seed), dtype=torch.float64)
+    y.backward(g.to(y.dtype))
+    return y, {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.fixture(params=["numba", "pytorch-loop"])
+def scan_engine(request, monkeypatch):
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(cpu, "scan_numba", None)
+    return request.param
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", [(2, 1, 5), (1, 67, 33), (2, 300, 20)])  # 300 crosses the chunk sizes
+def test_fast_scan_matches_float64_reference(scan_engine, shape, reverse):
+    inputs = scan_inputs(*shape)
+    expected, expected_grads = run_with_grads(reference.selective_scan_reference, inputs, torch.float64, reverse)
+    actual, grads = run_with_grads(cpu.selective_scan, inputs, torch.float32, reverse)
+    assert actual.dtype == torch.float32
+    assert relative_error(actual, expected) <= 1e-5
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) <= 1e-5, name
+
+
+def test_optional_operands_and_bfloat16():
+    inputs = scan_inputs(2, 40, 12)
+    for drop in ("D", "z", "delta_bias"):
+        partial = {k: v for k, v in inputs.items() if k != drop}
+        expected = reference.selective_scan_reference(**partial)
+        actual = cpu.selective_scan(**{k: v.float() for k, v in partial.items()})
+        assert relative_error(actual, expected) <= 1e-5, drop
+    bf16 = cpu.selective_scan(**{k: v.to(torch.bfloat16) if v.dim() == 3 else v.float() for k, v in inputs.items()})
+    assert bf16.dtype == torch.bfloat16
+    assert relative_error(bf16, reference.selective_scan_reference(**inputs)) <= 2e-2
+
+
+def test_reverse_equals_flipped_forward():
+    inputs = scan_inputs(1, 50, 8, dtype=torch.float32)
+    flipped = {k: v.flip(1) if v.dim() == 3 else v for k, v in inputs.items()}
+    assert relative_error(cpu.selective_scan(**inputs, reverse=True),
+                          cpu.selective_scan(**flipped).flip(1)) <= 1e-6
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv_matches_reference_with_gradients(reverse):
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 1, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    expected = reference.causal_conv1d_reference(x, w, b, reverse)
+    actual = cpu.causal_conv1d(x, w, b, reverse)
+    assert relative_error(actual, expected) <= 1e-12
+    g = torch.randn_like(expected)
+    grads_expected = torch.autograd.grad(expected, (x, w, b), g)
+    grads_actual = torch.autograd.grad(actual, (x, w, b), g)
+    for a, e in zip(grads_actual, grads_expected, strict=True):
+        assert relative_error(a, e) <= 1e-12
+    short = torch.randn(1, 2, 6, dtype=torch.float64)  # shorter than the kernel
+    assert relative_error(cpu.causal_conv1d(short, w, None, reverse),
+                          reference.causal_conv1d_reference(short, w, None, reverse)) <= 1e-12
+
+
+def test_rms_norm_fused_add():
+    x, r, w = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(8)
+    normed, summed = ops.rms_norm(x, w, r)
+    assert torch.equal(summed, x + r)
+    expected = (x + r) / ((x + r).pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w
+    assert relative_error(normed, expected) <= 1e-6
+
+
+def test_dispatch_picks_and_forces_backends(monkeypatch):
+    assert ops.get_backend("cpu").name == "torch"
+    with ops.use_backend("reference"):
+        assert ops.get_backend("cpu").name == "reference"
+    assert ops.get_backend("cpu").name == "torch"
+    monkeypatch.setenv("CADUCEUS_BACKEND", "reference")
+    assert ops.get_backend("cpu").name == "reference"
+    with pytest.raises(ValueError, match="unknown or unavailable kernel backend 'cuda-magic'"):
+        ops.set_backend("cuda-magic")
+    assert "reference" in ops.available_backends() and "torch" in ops.available_backends()
+
+
+def test_training_saves_no_per_step_states(scan_engine):
+    """What autograd keeps for the backward is O(B·L·D), never the (B, L, D, N) states."""
+    batch, length, dim, n_state = 1, 1000, 64, 16
+    inputs = {k: v.float().requires_grad_() for k, v in scan_inputs(batch, length, dim, n_state).items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = cpu.selective_scan(**inputs)
+    y.sum().backward()  # recomputation inside the backward is transient and not counted
+    per_step_states = batch * length * dim * n_state
+    assert saved and max(saved) <= per_step_states / 8
+    assert sum(saved) < per_step_states / 2

@@ -54,6 +54,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     os.close(handle)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -179,13 +182,6 @@ def pack_genome(genome: Genome, path: str | os.PathLike) -> None:
     atomic_write(path, write)
 
 
-def open_genome(fasta: str | os.PathLike | None = None, packed: str | os.PathLike | None = None) -> Genome:
-    """The genome named by exactly one of ``fasta`` and ``packed``."""
-    if (fasta is None) == (packed is None):
-        raise DataError("give exactly one of a FASTA file (--fasta) and a packed genome (--packed)")
-    return FastaGenome(fasta) if fasta is not None else PackedGenome(packed)
-
-
 # ----------------------------------------------------------------------------------------------
 # BED splits
 
@@ -239,8 +235,37 @@ def whole_genome_intervals(chrom_lengths: Mapping[str, int]) -> list[Interval]:
     return [Interval(name, 0, length, "train") for name, length in chrom_lengths.items() if length > 0]
 
 
-def load_intervals(genome: Genome, bed: str | os.PathLike | None) -> list[Interval]:
-    return read_bed(bed, genome.chrom_lengths) if bed is not None else whole_genome_intervals(genome.chrom_lengths)
+def open_data(
+    fasta: str | os.PathLike | None = None,
+    packed: str | os.PathLike | None = None,
+    bed: str | os.PathLike | None = None,
+) -> tuple[Genome, list[Interval]]:
+    """The genome named by exactly one of ``fasta`` and ``packed``, and its intervals: from ``bed``,
+    else from the BED stored in the packed directory, else every chromosome as training data."""
+    if (fasta is None) == (packed is None):
+        raise DataError("give exactly one of a FASTA file (--fasta) and a packed genome directory (--packed)")
+    genome = FastaGenome(fasta) if fasta is not None else PackedGenome(packed)
+    if bed is None and packed is not None and (Path(packed) / PACKED_BED_NAME).is_file():
+        bed = Path(packed) / PACKED_BED_NAME
+    intervals = read_bed(bed, genome.chrom_lengths) if bed is not None else whole_genome_intervals(genome.chrom_lengths)
+    return genome, intervals
+
+
+def write_packed(fasta: str | os.PathLike, bed: str | os.PathLike | None, out_dir: str | os.PathLike) -> None:
+    """``caduceus data pack``: a FASTA's genome as 2-bit codes, plus its BED checked against it, in
+    ``out_dir``, readable by ``open_data(packed=out_dir)`` without pyfaidx."""
+    genome = FastaGenome(fasta)
+    bed_text = None
+    if bed is not None:
+        read_bed(bed, genome.chrom_lengths)
+        bed_text = Path(bed).read_text(encoding="utf-8")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pack_genome(genome, out_dir / PACKED_GENOME_NAME)
+    if bed_text is None:
+        (out_dir / PACKED_BED_NAME).unlink(missing_ok=True)
+    else:
+        atomic_write(out_dir / PACKED_BED_NAME, lambda path: Path(path).write_text(bed_text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,9 +275,11 @@ def load_intervals(genome: Genome, bed: str | os.PathLike | None) -> list[Interv
 class WindowDataset(Dataset):
     """Token ids (uint8, length ``seq_len``) of the windows cut from one split's intervals.
 
-    Each interval is extended to at least ``extend_to`` bases from its start and cut into
-    non-overlapping windows (the remainder shorter than a window is dropped); a window past the
-    chromosome end is shifted back inside; a chromosome shorter than a window is padded with [PAD].
+    Each interval is extended to at least ``extend_to`` bases from its start (as published; extended
+    intervals may overlap other intervals), but not past the chromosome end, and cut into non-overlapping
+    windows; a remainder shorter than a window is dropped. An interval shorter than one window gives one
+    window, shifted back inside the chromosome if it would run past the end; a chromosome shorter than a
+    window is padded with [PAD].
     """
 
     def __init__(
@@ -275,8 +302,9 @@ class WindowDataset(Dataset):
             if interval.split != split:
                 continue
             chrom_length = genome.chrom_lengths[interval.chrom]
-            span = max(interval.end - interval.start, extend_to)
-            window_starts = interval.start + seq_len * np.arange(max(span // seq_len, 1), dtype=np.int64)
+            span_end = min(interval.start + max(interval.end - interval.start, extend_to), chrom_length)
+            n_windows = max((span_end - interval.start) // seq_len, 1)
+            window_starts = interval.start + seq_len * np.arange(n_windows, dtype=np.int64)
             chroms.append(np.full(len(window_starts), chrom_index[interval.chrom], dtype=np.int32))
             starts.append(np.minimum(window_starts, max(chrom_length - seq_len, 0)))
         self.chroms, self.starts = np.concatenate(chroms), np.concatenate(starts)
@@ -397,3 +425,45 @@ class StepBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.end_step - self.start_step) * (self.share // self.micro_batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# `caduceus data ...`
+
+
+def add_command(subparsers) -> None:
+    """Register ``caduceus data grch37`` and ``caduceus data pack``."""
+    parser = subparsers.add_parser("data", help="obtain and prepare pretraining data")
+    commands = parser.add_subparsers(dest="data_command", required=True, metavar="<data command>")
+    grch37 = commands.add_parser(
+        "grch37",
+        help="GRCh37 chr20 + chrX 0-70 Mb from Debian packages, with a BED of train/valid/test splits",
+        description="Fetch GRCh37 chr20 (vt-examples) and chrX 0-70 Mb (smalt-examples) with apt-get, check their "
+        "md5, and write DIR/grch37_chr20_chrX.fa (+ .fai) and DIR/splits.bed: chrX 60-70 Mb test, chr20 "
+        "55-60 Mb valid, the rest train.",
+    )
+    grch37.add_argument("directory", type=Path, help="output directory")
+    grch37.add_argument("--pack", action="store_true", help="also write DIR/packed/ (see `caduceus data pack`)")
+    grch37.set_defaults(run=_run_grch37)
+    pack = commands.add_parser(
+        "pack",
+        help="pack a FASTA (+ BED) into 2 bits per base, to carry to a training machine",
+        description="Write OUT_DIR/genome.npz (2 bits per base, non-ACGT runs kept) and OUT_DIR/splits.bed; "
+        "train from it with `caduceus pretrain --packed OUT_DIR`, no pyfaidx needed.",
+    )
+    pack.add_argument("out_dir", type=Path, help="output directory")
+    pack.add_argument("--fasta", type=Path, required=True, help="FASTA file (plain, or bgzip with biopython)")
+    pack.add_argument("--bed", type=Path, help="BED of splits (chrom start end train|valid|test)")
+    pack.set_defaults(run=_run_pack)
+
+
+def _run_grch37(args) -> None:
+    from caduceus.grch37 import build_grch37
+
+    fasta = build_grch37(args.directory, pack=args.pack)
+    print(f"wrote {fasta}, {fasta}.fai and {args.directory / 'splits.bed'}")
+
+
+def _run_pack(args) -> None:
+    write_packed(args.fasta, args.bed, args.out_dir)
+    print(f"wrote {args.out_dir / PACKED_GENOME_NAME}")

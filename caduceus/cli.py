@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = ("caduceus.data", "caduceus.pretrain")
+COMMAND_MODULES = ("caduceus.data", "caduceus.pretrain", "caduceus.vep", "caduceus.track", "caduceus.embed")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -152,7 +152,8 @@ def build_dataset(
     too_long = [i for i, s in enumerate(sequences) if max_bases is not None and isinstance(s, str)
                 and len(s) > max_bases]
     if not (windows and too_long):
-        encoding = tokenizer(sequences, max_length=max_bases)
+        longest = max((len(s) for s in sequences if isinstance(s, str)), default=1)
+        encoding = tokenizer(sequences, max_length=max_bases or longest)  # None: no cap, even the tokenizer's
         if too_long:
             warnings.warn(
                 f"{len(too_long)} of {len(sequences)} sequences are longer than {max_bases} bases and were "

@@ -1,0 +1,219 @@
+"""GPU benchmarks of the Triton backend: hardware floors, the selective scan alone, and the whole model.
+
+    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep] [--json out.json]
+
+Times are medians of ``triton.testing.do_bench``. The floors are measured in the same run: exp2 throughput of a
+Triton kernel (4 independent chains per thread) and a device-to-device copy. The scan's exp floor is B*L*D*N exp2
+at that rate. Model numbers use fp32 parameters under bf16 autocast, as the upstream measurements did; a training
+step is forward, cross-entropy over every position, backward and an AdamW step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from caduceus.ops import use_backend
+from caduceus.ops.triton import scan as triton_scan
+
+EXP2_ITERS = 512
+
+
+@triton.jit
+def _exp2_kernel(x_ptr, out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(x_ptr + offs)
+    b, c, d = a + 0.25, a + 0.5, a + 0.75
+    for _ in range(ITERS):
+        a, b, c, d = tl.exp2(-a), tl.exp2(-b), tl.exp2(-c), tl.exp2(-d)
+    tl.store(out_ptr + offs, a + b + c + d)
+
+
+def exp2_rate() -> float:
+    """exp2 evaluations per second (MUFU throughput as Triton reaches it)."""
+    x = torch.rand(1 << 22, device="cuda")
+    out = torch.empty_like(x)
+    block = 256
+    ms = do_bench(lambda: _exp2_kernel[(x.numel() // block,)](x, out, ITERS=EXP2_ITERS, BLOCK=block),
+                  return_mode="median")
+    return x.numel() * 4 * EXP2_ITERS / (ms * 1e-3)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a large device-to-device copy."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def scan_args(b: int, length: int, d: int, n: int = 16, dtype: torch.dtype = torch.bfloat16) -> list:
+    """Scan inputs as the model produces them (u, delta, z separate (b, l, d); B, C slices of one x_proj output)."""
+    dev = "cuda"
+    bc = torch.randn(b, length, 2 * n + 16, device=dev, dtype=dtype)
+    return [
+        torch.randn(b, length, d, device=dev, dtype=dtype),
+        (torch.randn(b, length, d, device=dev) * 0.5).to(dtype),
+        -torch.rand(d, n, device=dev) * n - 0.05,
+        bc[..., 16:16 + n], bc[..., 16 + n:],
+        torch.randn(d, device=dev),
+        torch.randn(b, length, d, device=dev, dtype=dtype),
+        torch.full((d,), -4.0, device=dev),
+    ]
+
+
+def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n: int = 16) -> dict:
+    args = scan_args(b, length, d, n)
+    with torch.no_grad():
+        fwd = do_bench(lambda: triton_scan.selective_scan(*args), return_mode="median")
+    leaves = [a.detach().requires_grad_(True) for a in args]
+    grad = torch.randn(b, length, d, device="cuda", dtype=args[0].dtype)
+
+    def step() -> None:
+        triton_scan.selective_scan(*leaves).backward(grad)
+
+    fwd_bwd = do_bench(step, grad_to_none=leaves, return_mode="median")
+    exp_floor = b * length * d * n / exp_rate * 1e3
+    hbm_floor = 2 * b * length * (4 * d + 2 * n) / bandwidth * 1e3
+    return {
+        "shape": [b, length, d], "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "bwd_ms": fwd_bwd - fwd,
+        "exp_floor_ms": exp_floor, "hbm_floor_ms": hbm_floor,
+        "fwd_over_exp_floor": fwd / exp_floor, "fwd_bwd_over_2x_exp_floor": fwd_bwd / (2 * exp_floor),
+    }
+
+
+SWEEP_FWD = [{"BD": 16, "U": 4, "num_warps": 1}, {"BD": 16, "U": 2, "num_warps": 1},
+             {"BD": 32, "U": 4, "num_warps": 2}, {"BD": 32, "U": 2, "num_warps": 1}]
+SWEEP_BWD = [{"BD": 16, "SUB": 4, "num_warps": 1}, {"BD": 16, "SUB": 2, "num_warps": 1},
+             {"BD": 32, "SUB": 4, "num_warps": 2}, {"BD": 16, "SUB": 8, "num_warps": 1}]
+
+
+def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int]) -> list[dict]:
+    """Forward and backward launch configurations at one shape (pairs of the lists above)."""
+    rows = []
+    default = (dict(triton_scan.FWD_CONFIG), dict(triton_scan.BWD_CONFIG))
+    for fcfg, bcfg in zip(SWEEP_FWD, SWEEP_BWD):
+        triton_scan.FWD_CONFIG.update(fcfg)
+        triton_scan.BWD_CONFIG.update(bcfg)
+        row = bench_scan(*shape, exp_rate, bandwidth)
+        row.update(fwd_config=fcfg, bwd_config=bcfg)
+        rows.append(row)
+        print(f"  sweep fwd {fcfg} bwd {bcfg}: fwd {row['fwd_ms']:.2f} ms, bwd {row['bwd_ms']:.2f} ms", flush=True)
+    triton_scan.FWD_CONFIG.update(default[0])
+    triton_scan.BWD_CONFIG.update(default[1])
+    return rows
+
+
+def model_config(n_layer: int, d_model: int):
+    from caduceus.configuration import CaduceusModelConfig
+
+    return CaduceusModelConfig(d_model=d_model, n_layer=n_layer)
+
+
+def bench_model(n_layer: int, d_model: int, batch: int, length: int, train: bool, backend: str = "triton",
+                checkpointing: bool = False, reps: int = 0) -> dict:
+    """Median time of an inference forward or a training step; throughput in tokens (bp) per second."""
+    from caduceus.modeling import CaduceusForMaskedLM, masked_lm_loss
+
+    torch.manual_seed(0)
+    model = CaduceusForMaskedLM(model_config(n_layer, d_model)).cuda()
+    model.caduceus.backbone.gradient_checkpointing = checkpointing
+    ids = torch.randint(3, 11, (batch, length), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def infer() -> None:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = masked_lm_loss(model(ids).logits, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    fn = step if train else infer
+    model.train(train)
+    torch.cuda.reset_peak_memory_stats()
+    with use_backend(backend):
+        if reps:  # slow paths: a few plain timed runs (after one warm-up run unless reps < 0: one cold run)
+            if reps > 0:
+                fn()
+            reps = abs(reps)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) / reps * 1e3
+        else:
+            ms = do_bench(fn, warmup=2, rep=20, return_mode="median")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"n_layer": n_layer, "d_model": d_model, "batch": batch, "length": length, "train": train,
+            "backend": backend, "checkpointing": checkpointing, "ms": ms,
+            "tokens_per_s": batch * length / (ms * 1e-3), "peak_gib": peak}
+
+
+def run_models() -> list[dict]:
+    rows = []
+    plan = [
+        dict(n_layer=16, d_model=256, batch=1, length=131072, train=False),
+        dict(n_layer=16, d_model=256, batch=1, length=131072, train=True, reps=1),
+        dict(n_layer=4, d_model=118, batch=256, length=1024, train=False),
+        dict(n_layer=4, d_model=118, batch=256, length=1024, train=True),
+        dict(n_layer=16, d_model=256, batch=1, length=1 << 20, train=True, checkpointing=True, reps=-1),
+        dict(n_layer=4, d_model=118, batch=8, length=1024, train=True, backend="torch", reps=1),
+        dict(n_layer=4, d_model=118, batch=8, length=1024, train=True),
+        dict(n_layer=4, d_model=118, batch=8, length=1024, train=False, backend="torch", reps=1),
+        dict(n_layer=4, d_model=118, batch=8, length=1024, train=False),
+    ]
+    for kw in plan:
+        try:
+            row = bench_model(**kw)
+        except torch.OutOfMemoryError:
+            row = {**kw, "oom": True}
+            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print("  model", json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scan", action="store_true", help="the selective scan alone")
+    parser.add_argument("--model", action="store_true", help="whole-model throughput and memory")
+    parser.add_argument("--sweep", action="store_true", help="launch configurations of the scan")
+    parser.add_argument("--json", help="write every number to this file")
+    args = parser.parse_args()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": time.strftime("%Y-%m-%d")}
+    report["exp2_per_s"] = exp_rate = exp2_rate()
+    report["copy_bytes_per_s"] = bandwidth = copy_bandwidth()
+    print(f"{report['device']}: exp2 {exp_rate:.3e}/s, copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    if args.sweep:
+        report["sweep"] = sweep(exp_rate, bandwidth, (16, 32768, 512))
+    if args.scan:
+        report["scan"] = []
+        for shape in [(16, 131072, 512), (1, 131072, 512), (16, 1024, 512), (64, 1024, 512), (8, 1024, 236)]:
+            row = bench_scan(*shape, exp_rate, bandwidth)
+            report["scan"].append(row)
+            torch.cuda.empty_cache()
+            print(f"  scan {shape}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_over_exp_floor']:.2f}x exp floor "
+                  f"{row['exp_floor_ms']:.3f}), fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
+                  f"({row['fwd_bwd_over_2x_exp_floor']:.2f}x 2*floor)", flush=True)
+    if args.model:
+        report["model"] = run_models()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

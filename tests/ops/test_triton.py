@@ -1,0 +1,105 @@
+"""Triton backend against the float64 reference (CUDA only; skipped on CPU-only machines such as CI).
+
+benchmarks/check_triton.py runs the long-sequence sweep; these are the quick cases.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("the Triton backend needs a CUDA GPU", allow_module_level=True)
+
+from caduceus import ops  # noqa: E402
+from caduceus.ops import reference  # noqa: E402
+from caduceus.ops.triton import causal_conv1d, causal_conv1d_silu, rms_norm, selective_scan  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def _poison() -> None:
+    """NaN-fill freed allocator blocks so that an output element a kernel does not write fails the check."""
+    blocks = [torch.full((n,), float("nan"), device="cuda") for n in (256, 4096, 1 << 18, 1 << 26)]
+    del blocks
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def test_registered_for_cuda() -> None:
+    assert "triton" in ops.available_backends()
+    assert ops.get_backend("cuda").name == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("batch", "length", "dim"), [(1, 1, 236), (3, 300, 236), (2, 513, 512)])
+@pytest.mark.parametrize("full", [True, False])
+def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
+    torch.manual_seed(length + dim)
+    n = 16
+    xz = torch.randn(batch, length, 3 * dim, device="cuda").to(dtype)
+    bc = torch.randn(batch, length, 2 * n + 4, device="cuda").to(dtype)
+    raw = xz[..., dim:2 * dim].float()
+    delta = raw * 0.5 if full else raw.abs() * 0.1  # without softplus delta is the step itself: positive
+    args = [xz[..., :dim], delta.to(dtype), -torch.rand(dim, n, device="cuda") * n,
+            bc[..., 4:4 + n], bc[..., 4 + n:], torch.randn(dim, device="cuda") if full else None,
+            xz[..., 2 * dim:] if full else None, torch.randn(dim, device="cuda") - 3 if full else None]
+    leaves = [a.detach().clone().requires_grad_(True) if a is not None else None for a in args]
+    refs = [a.detach().double().requires_grad_(True) if a is not None else None for a in args]
+    _poison()
+    out = selective_scan(*leaves, delta_softplus=full, reverse=reverse)
+    ref = reference.selective_scan_reference(*refs, delta_softplus=full, reverse=reverse)
+    assert out.dtype == dtype
+    assert _rel(out, ref) < TOL[dtype]
+    grad = torch.randn_like(ref)
+    _poison()
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for leaf, r in zip(leaves, refs):
+        if leaf is not None:
+            assert _rel(leaf.grad, r.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_causal_conv1d(dtype, reverse) -> None:
+    x = torch.randn(2, 333, 400, device="cuda").to(dtype)[..., :236]
+    w, b = torch.randn(236, 1, 4, device="cuda"), torch.randn(236, device="cuda")
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    refs = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    _poison()
+    out = causal_conv1d(*leaves, reverse)
+    ref = reference.causal_conv1d_reference(*refs, reverse)
+    assert _rel(out, ref) < TOL[dtype]
+    assert _rel(causal_conv1d_silu(x, w, b, reverse), torch.nn.functional.silu(ref)) < TOL[dtype]
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for leaf, r in zip(leaves, refs):
+        assert _rel(leaf.grad, r.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm(dtype, residual) -> None:
+    x = torch.randn(2, 77, 236, device="cuda").to(dtype)
+    r = torch.randn(2, 77, 236, device="cuda").to(dtype) if residual else None
+    w = torch.rand(236, device="cuda") + 0.5
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, r)]
+    refs = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, r)]
+    _poison()
+    out, summed = rms_norm(leaves[0], leaves[1], leaves[2])
+    ref_out, ref_sum = reference.rms_norm_reference(refs[0], refs[1], refs[2])
+    assert _rel(out, ref_out) < TOL[dtype] and _rel(summed, ref_sum) < TOL[dtype]
+    g1, g2 = torch.randn_like(ref_out), torch.randn_like(ref_sum)
+    torch.autograd.backward([out, summed], [g1.to(dtype), g2.to(dtype)])
+    torch.autograd.backward([ref_out, ref_sum], [g1, g2])
+    for leaf, r in zip(leaves, refs):
+        if leaf is not None:
+            assert _rel(leaf.grad, r.grad) < TOL[dtype]

@@ -212,6 +212,7 @@ class CaduceusFineTuningModel(nn.Module, Caduceus):
             warnings.warn("rc_augment has no effect on a PS model, which is reverse-complement invariant",
                           stacklevel=2)
 
+        progress = self.config["progress"] if progress is None else progress
         self._freeze(trainable_layers)
         optimizer = optimizer(self.parameters(), **optimizer_params)
         self.to(self.device)

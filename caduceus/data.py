@@ -97,8 +97,13 @@ class FastaGenome:
 
     def _open(self):
         if self._fasta is None or self._pid != os.getpid():
-            import pyfaidx
-
+            try:
+                import pyfaidx
+            except ImportError:
+                raise DataError(
+                    f"{self.path}: reading FASTA needs pyfaidx (pip install 'caduceus-dna[genomics]'); "
+                    "or train from a packed genome (`caduceus data pack`, then --packed)"
+                ) from None
             try:
                 self._fasta = pyfaidx.Fasta(str(self.path), as_raw=True, sequence_always_upper=False)
             except pyfaidx.UnsupportedCompressionFormat:

@@ -445,6 +445,8 @@ def _pretrain(config: PretrainConfig, processes: Distributed, stop_request: Stop
         scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"])
         start_step, train_seconds = state["step"], state["train_seconds"]
+        if start_step >= total_steps:  # nothing left to do; keep the exported model and its summary as they are
+            return PretrainResult(start_step, True, out_dir, None, None)
 
     sampler = StepBatchSampler(len(train_windows), config.batch_size, micro_batch_size, config.seed, start_step,
                                total_steps, processes.rank, world_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -20,6 +21,7 @@ from caduceus.pretrain import (
     CHECKPOINT_NAME,
     METRICS_NAME,
     MODEL_DIR_NAME,
+    SUMMARY_NAME,
     CheckpointError,
     PretrainConfig,
     learning_rate,
@@ -67,6 +69,10 @@ def test_a_few_steps_on_real_sequence_lower_the_loss(tiny):
     assert result.valid["perplexity"] == pytest.approx(math.exp(result.valid["loss"]))
     model = CaduceusForMaskedLM.from_pretrained(Path(tiny.out_dir) / MODEL_DIR_NAME)
     assert model.config.d_model == 32
+    summary = json.loads((Path(tiny.out_dir) / MODEL_DIR_NAME / SUMMARY_NAME).read_text())
+    assert summary["steps"] == 40 and summary["tokens"] == 40 * 16 * 64 and summary["valid"] == result.valid
+    again = pretrain(replace(tiny, d_model=32, batch_size=16, max_steps=40, eval_every=40, eval_windows=64))
+    assert again.finished and json.loads((Path(tiny.out_dir) / MODEL_DIR_NAME / SUMMARY_NAME).read_text()) == summary
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
@@ -106,6 +112,14 @@ def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path):
     for (name, a), b in zip(load_state(one.out_dir)["model"].items(), load_state(four.out_dir)["model"].values(),
                             strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_data_loader_workers_give_the_same_training(tiny, tmp_path):
+    inline = pretrain(replace(tiny, max_steps=2, out_dir=str(tmp_path / "inline")))
+    workers = pretrain(replace(tiny, max_steps=2, num_workers=2, out_dir=str(tmp_path / "workers")))
+    for a, b in zip(load_state(inline.out_dir)["model"].values(), load_state(workers.out_dir)["model"].values(),
+                    strict=True):
+        assert torch.equal(a, b)
 
 
 def test_ddp_with_gloo_equals_one_process(tiny, tmp_path):

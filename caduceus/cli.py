@@ -11,7 +11,8 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = ("caduceus.data", "caduceus.pretrain", "caduceus.vep", "caduceus.track", "caduceus.embed")
+COMMAND_MODULES = ("caduceus.data", "caduceus.pretrain", "caduceus.vep", "caduceus.track", "caduceus.embed",
+                   "caduceus.benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:

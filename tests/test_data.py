@@ -83,6 +83,15 @@ def test_unusable_fasta_is_refused(tmp_path, content, message):
     assert str(path) in str(error.value)
 
 
+def test_bgzip_fasta_is_read_through_its_index(tmp_path):
+    bgzf = pytest.importorskip("Bio.bgzf")
+    writer = bgzf.BgzfWriter(str(tmp_path / "g.fa.gz"), "wb")
+    writer.write(b">c\nACGTNACGTA\nGG\n")
+    writer.close()
+    genome = FastaGenome(tmp_path / "g.fa.gz")
+    np.testing.assert_array_equal(genome.fetch("c", 2, 12), ids_of("GTNACGTAGG"))
+
+
 def test_missing_fasta_is_refused(tmp_path):
     with pytest.raises(DataError, match="not found"):
         open_data(fasta=tmp_path / "absent.fa")

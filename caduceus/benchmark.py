@@ -30,6 +30,7 @@ import argparse
 import csv
 import gzip
 import json
+import math
 import os
 import platform
 import shlex
@@ -198,11 +199,12 @@ def finetune_caduceus(model: str | os.PathLike, train: list[str], train_labels: 
     torch.manual_seed(settings.seed)
     config = CaduceusConfig(model_name=model, batch_size=settings.batch_size, device=settings.device, progress=False)
     classifier = CaduceusFineTuningModel(config, "classification", output_size=int(train_labels.max()) + 1)
+    steps = settings.epochs * math.ceil(len(train) / settings.batch_size)
     classifier.train(
         classifier.process_data(train), train_labels, optimizer_params={"lr": settings.lr, "weight_decay": 0.01},
-        epochs=settings.epochs, trainable_layers=0, lr_scheduler_params={"name": "cosine", "num_warmup_steps":
-        max(1, settings.epochs * -(-len(train) // settings.batch_size) // 10)}, rc_augment=not classifier.is_ps,
-        conjoin_eval=True, max_grad_norm=1.0, seed=settings.seed, progress=False,
+        epochs=settings.epochs, trainable_layers=0,  # the whole model trains
+        lr_scheduler_params={"name": "cosine", "num_warmup_steps": max(1, steps // 10)},
+        rc_augment=not classifier.is_ps, conjoin_eval=True, max_grad_norm=1.0, seed=settings.seed, progress=False,
     )
     logits = classifier.get_outputs(classifier.process_data(test), conjoin=True, progress=False)
     return metrics.softmax(logits)

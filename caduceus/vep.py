@@ -15,9 +15,11 @@ One row per ALT allele (multi-allelic records are split), in VCF order:
   side; StandardScaler + RBF SVM; stratified k-fold cross-validated AUROC of the out-of-fold decision
   values. The 1k models see only 1,024 bp, so for them the mean runs over their whole window.
 
-Windows near a chromosome end are shifted to lie inside it (the variant is then off-centre;
-``window_start``/``window_end`` say where the window was); a chromosome shorter than the window is used
-whole. ``status`` is ``ok`` or why the variant was not scored: ``unknown_chrom``,
+Windows near a chromosome end are shifted to lie inside it, never padded (the variant is then
+off-centre; ``window_start``/``window_end``, 1-based and inclusive, say where the window was); a
+chromosome shorter than the window is used whole.
+
+``status`` is ``ok`` or why the variant was not scored: ``unknown_chrom``,
 ``position_out_of_range``, ``ref_mismatch`` (REF differs from the reference; never scored),
 ``no_alt``, ``symbolic_alt``, ``non_acgt_allele``, ``no_change``, ``n_rich_window`` (more than
 ``max_n_fraction`` N in the window; the paper drops >= 0.5 %, the same cut for 1,024-bp windows) and

@@ -292,7 +292,8 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
+            purge_after = resume_step + 1 if resume_step else None  # events logged after the checkpoint
+            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_after)
         except ImportError:
             self.tensorboard = None
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from caduceus.cli import main
 from caduceus.modeling import CaduceusForMaskedLM
@@ -62,6 +68,23 @@ def test_stopped_pretraining_says_how_to_resume(slice_files, tmp_path, capsys):
     assert main(["pretrain", "--fasta", fasta, "--bed", bed, "--max-steps", "4", "--stop-after-steps", "1",
                  "--out-dir", str(tmp_path / "run"), *TINY]) == 0
     assert "step 1: stopped; run the same command to resume" in capsys.readouterr().out
+
+
+def test_sigterm_ends_the_segment_with_a_checkpoint(slice_files, tmp_path):
+    fasta, bed = slice_files
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "caduceus.cli", "pretrain", "--fasta", fasta, "--bed", bed,
+               "--max-steps", "100000", "--log-every", "1", "--out-dir", str(out), *TINY]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "NUMBA_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.csv", time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-2000:]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 2 and f"step {step}: stopped" in stdout
 
 
 def test_bad_bed_is_reported_without_traceback(slice_files, tmp_path, capsys):

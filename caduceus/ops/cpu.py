@@ -9,17 +9,24 @@ The elementwise parts around it (softplus of the step, the SiLU gate) are plain 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from caduceus.ops import Backend, reference, register_backend
 
 try:
+    import numba
+
     from caduceus.ops import scan_numba
 except ImportError:  # numba is an optional extra
     scan_numba = None
 
 TORCH_CHUNK = 64
+# Below this many (batch · length · channels) elements, numba's thread start-up costs more than it saves.
+NUMBA_PARALLEL_MIN_ELEMENTS = 1 << 20
 
 
 def _chunks(length: int, size: int, reverse: bool) -> list[slice]:
@@ -69,6 +76,17 @@ def _torch_backward(u, dt, A, B, C, D, reverse, states, dy):
     return du + dy * D, ddt, dA, dB, dC, (dy * u).sum((0, 1))
 
 
+@contextlib.contextmanager
+def _numba_threads(elements: int) -> Iterator[None]:
+    """One numba thread for small scans; all of them otherwise."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1 if elements < NUMBA_PARALLEL_MIN_ELEMENTS else numba.config.NUMBA_NUM_THREADS)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _numba_arrays(*tensors: torch.Tensor) -> list:
     """Contiguous numpy views: numba's vectorised loops need unit strides (copies only strided inputs)."""
     return [t.contiguous().numpy() for t in tensors]
@@ -78,7 +96,8 @@ def _numba_forward(u, dt, A, B, C, D, reverse):
     batch, length, dim = u.shape
     y = torch.empty(batch, length, dim)
     states = torch.empty(batch, -(-length // scan_numba.CHUNK), dim, A.shape[1])
-    scan_numba.scan_forward(*_numba_arrays(u, dt, A, B, C, D), reverse, y.numpy(), states.numpy())
+    with _numba_threads(u.numel()):
+        scan_numba.scan_forward(*_numba_arrays(u, dt, A, B, C, D), reverse, y.numpy(), states.numpy())
     return y, states
 
 
@@ -90,10 +109,11 @@ def _numba_backward(u, dt, A, B, C, D, reverse, states, dy):
     dB_part = torch.zeros(n_blocks, batch, length, A.shape[1])
     dC_part = torch.zeros(n_blocks, batch, length, A.shape[1])
     dD_part = torch.zeros(batch, dim)
-    scan_numba.scan_backward(
-        *_numba_arrays(u, dt, A, B, C, D), reverse, states.numpy(), *_numba_arrays(dy),
-        du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(),
-    )
+    with _numba_threads(u.numel()):
+        scan_numba.scan_backward(
+            *_numba_arrays(u, dt, A, B, C, D), reverse, states.numpy(), *_numba_arrays(dy),
+            du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(),
+        )
     return du, ddt, dA_part.sum(0), dB_part.sum(0), dC_part.sum(0), dD_part.sum(0)
 
 

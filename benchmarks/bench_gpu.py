@@ -1,6 +1,6 @@
 """GPU benchmarks of the Triton backend: hardware floors, the selective scan alone, and the whole model.
 
-    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep] [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep] [--profile] [--json out.json]
 
 Times are medians of ``triton.testing.do_bench``. The floors are measured in the same run: exp2 throughput of a
 Triton kernel (4 independent chains per thread) and a device-to-device copy. The scan's exp floor is B*L*D*N exp2
@@ -88,25 +88,21 @@ def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n
     }
 
 
-SWEEP_FWD = [{"BD": 16, "U": 4, "num_warps": 1}, {"BD": 16, "U": 2, "num_warps": 1},
-             {"BD": 32, "U": 4, "num_warps": 2}, {"BD": 32, "U": 2, "num_warps": 1}]
-SWEEP_BWD = [{"BD": 16, "SUB": 4, "num_warps": 1}, {"BD": 16, "SUB": 2, "num_warps": 1},
-             {"BD": 32, "SUB": 4, "num_warps": 2}, {"BD": 16, "SUB": 8, "num_warps": 1}]
+SWEEP_BWD = [{"SUB": 2, "programs": 512}, {"SUB": 4, "programs": 512}, {"SUB": 2, "programs": 1024},
+             {"SUB": 4, "programs": 1024}, {"SUB": 4, "programs": 2048}, {"SUB": 8, "programs": 1024}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int]) -> list[dict]:
-    """Forward and backward launch configurations at one shape (pairs of the lists above)."""
+    """Backward launch configurations (piece length, programs before time is cut into segments) at one shape."""
     rows = []
-    default = (dict(triton_scan.FWD_CONFIG), dict(triton_scan.BWD_CONFIG))
-    for fcfg, bcfg in zip(SWEEP_FWD, SWEEP_BWD):
-        triton_scan.FWD_CONFIG.update(fcfg)
-        triton_scan.BWD_CONFIG.update(bcfg)
+    default = dict(triton_scan.BWD_CONFIG)
+    for cfg in SWEEP_BWD:
+        triton_scan.BWD_CONFIG.update(cfg)
         row = bench_scan(*shape, exp_rate, bandwidth)
-        row.update(fwd_config=fcfg, bwd_config=bcfg)
+        row.update(bwd_config=dict(triton_scan.BWD_CONFIG))
         rows.append(row)
-        print(f"  sweep fwd {fcfg} bwd {bcfg}: fwd {row['fwd_ms']:.2f} ms, bwd {row['bwd_ms']:.2f} ms", flush=True)
-    triton_scan.FWD_CONFIG.update(default[0])
-    triton_scan.BWD_CONFIG.update(default[1])
+        print(f"  sweep {shape} bwd {cfg}: fwd {row['fwd_ms']:.2f} ms, bwd {row['bwd_ms']:.2f} ms", flush=True)
+    triton_scan.BWD_CONFIG.update(default)
     return rows
 
 
@@ -116,9 +112,8 @@ def model_config(n_layer: int, d_model: int):
     return CaduceusModelConfig(d_model=d_model, n_layer=n_layer)
 
 
-def bench_model(n_layer: int, d_model: int, batch: int, length: int, train: bool, backend: str = "triton",
-                checkpointing: bool = False, reps: int = 0) -> dict:
-    """Median time of an inference forward or a training step; throughput in tokens (bp) per second."""
+def model_runs(n_layer: int, d_model: int, batch: int, length: int, checkpointing: bool = False):
+    """A random model and its two timed functions: an inference forward and a training step."""
     from caduceus.modeling import CaduceusForMaskedLM, masked_lm_loss
 
     torch.manual_seed(0)
@@ -138,6 +133,13 @@ def bench_model(n_layer: int, d_model: int, batch: int, length: int, train: bool
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return model, infer, step
+
+
+def bench_model(n_layer: int, d_model: int, batch: int, length: int, train: bool, backend: str = "triton",
+                checkpointing: bool = False, reps: int = 0) -> dict:
+    """Median time of an inference forward or a training step; throughput in tokens (bp) per second."""
+    model, infer, step = model_runs(n_layer, d_model, batch, length, checkpointing)
     fn = step if train else infer
     model.train(train)
     torch.cuda.reset_peak_memory_stats()
@@ -158,6 +160,20 @@ def bench_model(n_layer: int, d_model: int, batch: int, length: int, train: bool
     return {"n_layer": n_layer, "d_model": d_model, "batch": batch, "length": length, "train": train,
             "backend": backend, "checkpointing": checkpointing, "ms": ms,
             "tokens_per_s": batch * length / (ms * 1e-3), "peak_gib": peak}
+
+
+def profile_training(n_layer: int, d_model: int, batch: int, length: int) -> None:
+    """Print the kernels taking the most CUDA time over 3 training steps (after 2 warm-up steps)."""
+    _, _, step = model_runs(n_layer, d_model, batch, length)
+    with use_backend("triton"):
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
 
 
 def run_models() -> list[dict]:
@@ -189,7 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scan", action="store_true", help="the selective scan alone")
     parser.add_argument("--model", action="store_true", help="whole-model throughput and memory")
-    parser.add_argument("--sweep", action="store_true", help="launch configurations of the scan")
+    parser.add_argument("--sweep", action="store_true", help="launch configurations of the scan's backward")
+    parser.add_argument("--profile", action="store_true", help="CUDA time per kernel of a d118 training step")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -198,7 +215,10 @@ def main() -> None:
     report["copy_bytes_per_s"] = bandwidth = copy_bandwidth()
     print(f"{report['device']}: exp2 {exp_rate:.3e}/s, copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
-        report["sweep"] = sweep(exp_rate, bandwidth, (16, 32768, 512))
+        report["sweep"] = [row for shape in [(16, 32768, 512), (1, 131072, 512), (256, 1024, 236)]
+                           for row in sweep(exp_rate, bandwidth, shape)]
+    if args.profile:
+        profile_training(n_layer=4, d_model=118, batch=256, length=1024)
     if args.scan:
         report["scan"] = []
         for shape in [(16, 131072, 512), (1, 131072, 512), (16, 1024, 512), (64, 1024, 512), (8, 1024, 236)]:

@@ -4,8 +4,11 @@ One program owns a batch row and a block of ``BD`` channels; its state ``h[N, BD
 time sequentially (work-efficient: one exp2 per state element). Inputs are loaded a block of ``U`` steps ahead of use
 (double-buffered tuples), because Triton does not software-pipeline a sequential loop and a step would otherwise wait
 for its own loads. ``reverse`` only changes the index arithmetic. The forward saves the state every ``CHUNK`` steps;
-the backward walks the chunks in reverse, recomputes each ``SUB``-step piece into registers and runs the adjoint back
-over it. dB and dC are summed over the program's channels, written per channel block and summed in a fixed order.
+the backward walks the chunks in reverse, recomputes each ``SUB``-step piece into registers (states and decays, so the
+reverse step needs no exp of its own) and runs the adjoint back over it. dB and dC are summed over the program's
+channels, written per channel block and summed in a fixed order. Both directions cut time into segments run in
+parallel when (batch, channel block) programs are too few: state (forward) or adjoint (backward) is passed between
+segments by a small chaining kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 of a bf16 (b, l, d) tensor
 FWD_CONFIG = {"BD": 16, "U": 4, "num_warps": 1, "programs": 512}  # programs: least before time is cut
-BWD_CONFIG = {"BD": 16, "SUB": 2, "num_warps": 1}
+BWD_CONFIG = {"BD": 16, "SUB": 4, "num_warps": 1, "programs": 2048}
 
 
 @triton.jit
@@ -165,21 +168,36 @@ def _scan_fwd_kernel(
         tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=mask_d)
 
 
+@triton.jit
+def _gate(g, z, HAS_Z: tl.constexpr):
+    """The output gradient seen by the scan: dout * z * sigmoid(z) under the SiLU(z) gate."""
+    if HAS_Z:
+        g = g * z * _sigmoid(z)
+    return g
+
+
 @triton.jit(do_not_specialize=["one"])
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    L, DIM, one,
+    seg_adj_ptr, seg_dt_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
+    L, DIM, SEG, one,
     s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_gb, s_gl,
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
-    """Gradients for one (batch row, channel block). du, ddt, dz share dout's (b, l, d) strides; dB/dC partials are
-    (b, channel block, l, n); dA (b, d, n), dD and dbias (b, d) are summed over time here."""
+    """Gradients for one (batch row, channel block, segment of SEG walk steps, a multiple of CHUNK). du, ddt, dz share
+    dout's (b, l, d) strides; dB/dC partials are (b, channel block, l, n); dA (b, segment, d, n), dD and dbias
+    (b, segment, d) are summed over the segment's steps here. With several segments the adjoint runs twice: first
+    ``ADJ_ONLY`` (no states, no gradients), each segment from a zero adjoint at its end, writing the adjoint at its
+    start and its sum of dt into seg_adj/seg_dt; after those are chained, again with ``HAS_INIT``, each segment
+    starting from the true adjoint read from seg_adj."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     n_blocks = tl.num_programs(1)
+    seg = pid_b * tl.num_programs(2) + tl.program_id(2)
+    start = tl.program_id(2) * SEG
+    end = tl.minimum(L, start + SEG)
     offs_d = pid_d * BD + tl.arange(0, BD)
     mask_d = offs_d < DIM
     offs_n = _state_offsets(N, NV)
@@ -190,95 +208,161 @@ def _scan_bwd_kernel(
     A2 = A * LOG2E
     Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BD], tl.float32)
     bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_BIAS else tl.zeros([BD], tl.float32)
-    n_chunks = tl.cdiv(L, CHUNK)
-    st_base = state_ptr + (pid_b * n_chunks).to(tl.int64) * DIM * N + dn
-    scratch = scratch_ptr + (pid_b * n_blocks + pid_d).to(tl.int64) * (CHUNK // SUB) * BD * N \
-        + tl.arange(0, BD)[None, None, :] * N + offs_n * one
-    part_base = (pid_b * n_blocks + pid_d).to(tl.int64) * L * N + tl.reshape(offs_n, [NV, N // NV])
-    dh = tl.zeros([NV, N // NV, BD], tl.float32)
-    dA_acc = tl.zeros([NV, N // NV, BD], tl.float32)
-    dD_acc = tl.zeros([BD], tl.float32)
-    dbias_acc = tl.zeros([BD], tl.float32)
-    for c_rev in range(n_chunks):
-        c = n_chunks - 1 - c_rev
-        # The state at the start of each SUB-step piece of this chunk, into a small L2-resident scratch.
-        h = tl.load(st_base + c * DIM * N, mask=mask_dn, other=0.0)
-        n_sub = tl.cdiv(tl.minimum(CHUNK, L - c * CHUNK), SUB)
-        for s in range(n_sub):
-            i0 = c * CHUNK + s * SUB
-            tl.store(scratch + s * BD * N, h)
-            us, dts, _, Bs, _ = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc,
-                                            mask_d, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
-                                            False, False, REVERSE, SUB)
-            for j in tl.static_range(SUB):
-                dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS)
-                h = tl.exp2(dt[None, None, :] * A2) * h + (dt * us[j].to(tl.float32))[None, None, :] * Bs[j]
-        # Walk the pieces backwards: the piece's states in registers, then the adjoint step by step.
+    seg_adj = seg_adj_ptr + seg.to(tl.int64) * DIM * N + dn
+    if HAS_INIT:
+        dh = tl.load(seg_adj, mask=mask_dn, other=0.0)
+    else:
+        dh = tl.zeros([NV, N // NV, BD], tl.float32)
+    if ADJ_ONLY:
+        # dh <- a_t * (dh + g_t C_t) back over the segment; needs neither the states nor u and B.
+        dt_sum = tl.zeros([BD], tl.float32)
+        n_sub = tl.cdiv(end - start, SUB)
         for s_rev in range(n_sub):
-            s = n_sub - 1 - s_rev
-            i0 = c * CHUNK + s * SUB
-            us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc,
-                                              mask_d, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
-                                              HAS_Z, True, REVERSE, SUB)
+            i0 = start + (n_sub - 1 - s_rev) * SUB
+            base, step = _row_base(pid_b, i0, L, s_tb, s_tl, REVERSE)
+            dts = _rows(dt_ptr, base, step, i0, L, offs_d, mask_d, SUB)
             base, step = _row_base(pid_b, i0, L, s_gb, s_gl, REVERSE)
             gs = _rows(dout_ptr, base, step, i0, L, offs_d, mask_d, SUB)
-            h = tl.load(scratch + s * BD * N)
-            hs = (h,)
-            for j in tl.static_range(SUB):
-                dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS)
-                h = tl.exp2(dt[None, None, :] * A2) * h + (dt * us[j].to(tl.float32))[None, None, :] * Bs[j]
-                hs = hs + (h,)
+            base, step = _row_base(pid_b, i0, L, s_Cb, s_Cl, REVERSE)
+            Cs = _rows(C_ptr, base, step, i0, L, offs_bc, None, SUB, False)
+            zs = gs
+            if HAS_Z:
+                base, step = _row_base(pid_b, i0, L, s_zb, s_zl, REVERSE)
+                zs = _rows(z_ptr, base, step, i0, L, offs_d, mask_d, SUB)
             for j in tl.static_range(SUB - 1, -1, -1):
-                valid = i0 + j < L
-                u = us[j].to(tl.float32)
-                Bj = Bs[j].to(tl.float32)
-                Cj = Cs[j].to(tl.float32)
-                x = dts[j].to(tl.float32) + bias
-                dt = _dt(dts[j].to(tl.float32), bias, valid, SOFTPLUS)
-                a = tl.exp2(dt[None, None, :] * A2)
-                g = gs[j].to(tl.float32)
-                if HAS_Z:
-                    z = zs[j].to(tl.float32)
-                    sig = _sigmoid(z)
-                    y = _sum_n(hs[j + 1] * Cj) + Dv * u
-                    dz = g * y * sig * (1.0 + z * (1.0 - sig))
-                    tl.store(dz_ptr + base + j * step + offs_d, dz.to(dz_ptr.dtype.element_ty), mask=mask_d & valid)
-                    g = g * z * sig
-                dh += g[None, None, :] * Cj
-                dhB = _sum_n(dh * Bj)
-                w = dh * a * hs[j]
-                ddt = _sum_n(w * A) + u * dhB
-                if SOFTPLUS:
-                    ddt = tl.where(x <= 20.0, ddt * _sigmoid(x), ddt)
-                du = dt * dhB + Dv * g
-                dA_acc += w * dt[None, None, :]
-                dD_acc += g * u
-                dbias_acc += tl.where(valid, ddt, 0.0)
-                tl.store(du_ptr + base + j * step + offs_d, du.to(du_ptr.dtype.element_ty), mask=mask_d & valid)
-                tl.store(ddt_ptr + base + j * step + offs_d, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d & valid)
-                part = part_base + ((L - 1 - i0 - j) if REVERSE else (i0 + j)) * N
-                tl.store(dB_ptr + part, tl.sum(dh * (dt * u)[None, None, :], axis=2), mask=valid)
-                tl.store(dC_ptr + part, tl.sum(hs[j + 1] * g[None, None, :], axis=2), mask=valid)
-                dh = dh * a
-    tl.store(dA_ptr + pid_b.to(tl.int64) * DIM * N + dn, dA_acc, mask=mask_dn)
-    tl.store(dD_ptr + pid_b * DIM + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias_acc, mask=mask_d)
+                dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS)
+                g = _gate(gs[j].to(tl.float32), zs[j].to(tl.float32), HAS_Z)
+                dh = (dh + g[None, None, :] * Cs[j].to(tl.float32)) * tl.exp2(dt[None, None, :] * A2)
+                dt_sum += dt
+        tl.store(seg_adj, dh, mask=mask_dn)
+        tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=mask_d)
+    else:
+        n_chunks = tl.cdiv(L, CHUNK)
+        st_base = state_ptr + (pid_b * n_chunks).to(tl.int64) * DIM * N + dn
+        scratch = scratch_ptr + ((pid_b * n_blocks + pid_d) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) \
+            * (CHUNK // SUB) * BD * N + tl.arange(0, BD)[None, None, :] * N + offs_n * one
+        part_base = (pid_b * n_blocks + pid_d).to(tl.int64) * L * N + tl.reshape(offs_n, [NV, N // NV])
+        dA_acc = tl.zeros([NV, N // NV, BD], tl.float32)
+        dD_acc = tl.zeros([BD], tl.float32)
+        dbias_acc = tl.zeros([BD], tl.float32)
+        c_first = start // CHUNK
+        n_seg_chunks = tl.cdiv(end - start, CHUNK)
+        for c_rev in range(n_seg_chunks):
+            c = c_first + n_seg_chunks - 1 - c_rev
+            # The state at the start of each SUB-step piece of this chunk, into a small L2-resident scratch.
+            h = tl.load(st_base + c * DIM * N, mask=mask_dn, other=0.0)
+            n_sub = tl.cdiv(tl.minimum(CHUNK, L - c * CHUNK), SUB)
+            for s in range(n_sub):
+                i0 = c * CHUNK + s * SUB
+                tl.store(scratch + s * BD * N, h)
+                us, dts, _, Bs, _ = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc,
+                                                mask_d, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
+                                                False, False, REVERSE, SUB)
+                for j in tl.static_range(SUB):
+                    dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS)
+                    h = tl.exp2(dt[None, None, :] * A2) * h + (dt * us[j].to(tl.float32))[None, None, :] * Bs[j]
+            # Walk the pieces backwards: the piece's states and decays in registers, then the adjoint step by step.
+            for s_rev in range(n_sub):
+                s = n_sub - 1 - s_rev
+                i0 = c * CHUNK + s * SUB
+                us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d,
+                                                  offs_bc, mask_d, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
+                                                  s_Cb, s_Cl, HAS_Z, True, REVERSE, SUB)
+                base, step = _row_base(pid_b, i0, L, s_gb, s_gl, REVERSE)
+                gs = _rows(dout_ptr, base, step, i0, L, offs_d, mask_d, SUB)
+                h = tl.load(scratch + s * BD * N)
+                hs = (h,)
+                decays = ()
+                steps = ()
+                for j in tl.static_range(SUB):
+                    dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS)
+                    a = tl.exp2(dt[None, None, :] * A2)
+                    h = a * h + (dt * us[j].to(tl.float32))[None, None, :] * Bs[j]
+                    hs = hs + (h,)
+                    decays = decays + (a,)
+                    steps = steps + (dt,)
+                for j in tl.static_range(SUB - 1, -1, -1):
+                    valid = i0 + j < L
+                    u = us[j].to(tl.float32)
+                    Bj = Bs[j].to(tl.float32)
+                    Cj = Cs[j].to(tl.float32)
+                    dt = steps[j]
+                    g = gs[j].to(tl.float32)
+                    if HAS_Z:
+                        z = zs[j].to(tl.float32)
+                        sig = _sigmoid(z)
+                        y = _sum_n(hs[j + 1] * Cj) + Dv * u
+                        dz = g * y * sig * (1.0 + z * (1.0 - sig))
+                        tl.store(dz_ptr + base + j * step + offs_d, dz.to(dz_ptr.dtype.element_ty),
+                                 mask=mask_d & valid)
+                        g = g * z * sig
+                    dh += g[None, None, :] * Cj
+                    dhB = _sum_n(dh * Bj)
+                    w = dh * decays[j] * hs[j]
+                    ddt = _sum_n(w * A) + u * dhB
+                    if SOFTPLUS:
+                        x = dts[j].to(tl.float32) + bias
+                        ddt = tl.where(x <= 20.0, ddt * _sigmoid(x), ddt)
+                    du = dt * dhB + Dv * g
+                    dA_acc += w * dt[None, None, :]
+                    dD_acc += g * u
+                    dbias_acc += tl.where(valid, ddt, 0.0)
+                    tl.store(du_ptr + base + j * step + offs_d, du.to(du_ptr.dtype.element_ty), mask=mask_d & valid)
+                    tl.store(ddt_ptr + base + j * step + offs_d, ddt.to(ddt_ptr.dtype.element_ty),
+                             mask=mask_d & valid)
+                    part = part_base + ((L - 1 - i0 - j) if REVERSE else (i0 + j)) * N
+                    tl.store(dB_ptr + part, tl.sum(dh * (dt * u)[None, None, :], axis=2), mask=valid)
+                    tl.store(dC_ptr + part, tl.sum(hs[j + 1] * g[None, None, :], axis=2), mask=valid)
+                    dh = dh * decays[j]
+        tl.store(dA_ptr + seg.to(tl.int64) * DIM * N + dn, dA_acc, mask=mask_dn)
+        tl.store(dD_ptr + seg * DIM + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_ptr + seg * DIM + offs_d, dbias_acc, mask=mask_d)
 
 
-def _chain_segments(seg_state: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor) -> None:
-    """In place: each segment's end state from a zero start (b, S, d, n) becomes its true start state. A segment
-    decays a state by exp(A * sum of its dt), so h_start[k+1] = decay[k] * h_start[k] + h_end[k]."""
-    decay = torch.exp(seg_dt[..., None] * A)
-    h = torch.zeros_like(seg_state[:, 0])
-    for k in range(seg_state.shape[1]):
-        h_next = decay[:, k] * h + seg_state[:, k]
-        seg_state[:, k] = h
-        h = h_next
+@triton.jit
+def _chain_kernel(seg_ptr, seg_dt_ptr, A_ptr, S, DIM, N: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """In place over one batch row's S segments (b, S, d, n): seg[k] holds what segment k passes on from a zero start
+    (its end state, or with ``REVERSE`` the adjoint at its start); it becomes what segment k receives. A segment
+    decays what passes through it by exp(A * its sum of dt), so in walk order r_next = decay[k] * r[k] + seg[k]."""
+    pid_b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # d * N + n
+    mask = offs < DIM * N
+    A2 = tl.load(A_ptr + offs, mask=mask, other=0.0) * LOG2E
+    r = tl.zeros([BLOCK], tl.float32)
+    for i in range(S):
+        k = (S - 1 - i) if REVERSE else i
+        row = pid_b * S + k
+        ptr = seg_ptr + row.to(tl.int64) * DIM * N + offs
+        passed = tl.load(ptr, mask=mask, other=0.0)
+        dt_sum = tl.load(seg_dt_ptr + row * DIM + offs // N, mask=mask, other=0.0)
+        tl.store(ptr, r, mask=mask)
+        r = tl.exp2(dt_sum * A2) * r + passed
+
+
+def _chain_segments(seg: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor, reverse: bool) -> None:
+    batch, n_seg, dim, n = seg.shape
+    block = 1024
+    _chain_kernel[(batch, triton.cdiv(dim * n, block))](seg, seg_dt, A, n_seg, dim, N=n, BLOCK=block, REVERSE=reverse)
+
+
+def _segments(length: int, programs: int, target: int) -> tuple[int, int]:
+    """Segment length (a multiple of CHUNK) and count such that programs * count reaches about ``target``."""
+    seg_len = max(CHUNK, triton.cdiv(triton.cdiv(length, triton.cdiv(target, programs)), CHUNK) * CHUNK)
+    return seg_len, triton.cdiv(length, seg_len)
 
 
 def _rowwise(t: torch.Tensor) -> torch.Tensor:
     """The kernels index (b, l, c) tensors through (b, l) strides and need unit stride over the last axis."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """B and C rows must be provably 16-byte aligned (base and (b, l) strides multiples of 16 elements): otherwise
+    Triton cannot vectorise their loads and picks a layout for the whole loop that spills (x_proj outputs of
+    width dt_rank + 2N, such as 40 for d_model 118, are not)."""
+    t = _rowwise(t)
+    ok = t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t if ok else t.contiguous()
 
 
 def _strides(*ts: torch.Tensor) -> list[int]:
@@ -290,7 +374,8 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        u, delta, B, C = (_rowwise(t) for t in (u, delta, B, C))
+        u, delta = _rowwise(u), _rowwise(delta)
+        B, C = _aligned(B), _aligned(C)
         z = _rowwise(z) if z is not None else None
         batch, length, dim = u.shape
         n = A.shape[1]
@@ -303,9 +388,7 @@ class SelectiveScanFn(torch.autograd.Function):
         cfg = FWD_CONFIG
         n_blocks = triton.cdiv(dim, cfg["BD"])
         # Few (batch, channel block) programs leave most SMs idle: cut time into segments run in parallel.
-        seg_len = max(CHUNK, triton.cdiv(triton.cdiv(length, triton.cdiv(cfg["programs"], batch * n_blocks)),
-                                         CHUNK) * CHUNK)
-        n_seg = triton.cdiv(length, seg_len)
+        seg_len, n_seg = _segments(length, batch * n_blocks, cfg["programs"])
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
 
@@ -322,7 +405,7 @@ class SelectiveScanFn(torch.autograd.Function):
         if length > 0:
             if n_seg > 1:
                 launch(False, True, False)
-                _chain_segments(seg_state, seg_dt, A)
+                _chain_segments(seg_state, seg_dt, A, reverse=False)
             launch(save, False, n_seg > 1)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D_, z, bias, states)
@@ -343,20 +426,31 @@ class SelectiveScanFn(torch.autograd.Function):
         du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         ddelta = torch.empty(u.shape, dtype=delta.dtype, device=u.device)
         dz = torch.empty(u.shape, dtype=z.dtype, device=u.device) if has_z else None
-        dA = torch.empty(batch, dim, n, **f32)
-        dD = torch.empty(batch, dim, **f32)
-        dbias = torch.empty(batch, dim, **f32)
+        seg_len, n_seg = _segments(length, batch * n_blocks, cfg["programs"])
+        dA = torch.empty(batch, n_seg, dim, n, **f32)
+        dD = torch.empty(batch, n_seg, dim, **f32)
+        dbias = torch.empty(batch, n_seg, dim, **f32)
         dB = torch.empty(batch, n_blocks, length, n, **f32)
         dC = torch.empty(batch, n_blocks, length, n, **f32)
-        scratch = torch.empty(batch * n_blocks * (CHUNK // cfg["SUB"]) * cfg["BD"] * n, **f32)
-        if length > 0:
-            _scan_bwd_kernel[(batch, n_blocks)](
+        seg_adj = torch.empty(batch, n_seg, dim, n, **f32)
+        seg_dt = torch.empty(batch, n_seg, dim, **f32)
+        scratch = torch.empty(batch * n_blocks * n_seg * (CHUNK // cfg["SUB"]) * cfg["BD"] * n, **f32)
+
+        def launch(adj_only: bool, has_init: bool) -> None:
+            _scan_bwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if has_d else A, z if has_z else u, bias if has_bias else A, dout, states,
-                scratch, du, ddelta, dz if has_z else du, dA, dD, dbias, dB, dC, length, dim, 1,
-                *_strides(u, delta, z if has_z else u, B, C, dout),
+                scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dB, dC,
+                length, dim, seg_len, 1, *_strides(u, delta, z if has_z else u, B, C, dout),
                 N=n, NV=min(n, 8), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
-                HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, num_warps=cfg["num_warps"],
+                HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
+                num_warps=cfg["num_warps"],
             )
+
+        if length > 0:
+            if n_seg > 1:
+                launch(True, False)
+                _chain_segments(seg_adj, seg_dt, A, reverse=True)
+            launch(False, n_seg > 1)
         else:
             for t in (dA, dD, dbias, dB, dC):
                 t.zero_()
@@ -364,12 +458,12 @@ class SelectiveScanFn(torch.autograd.Function):
         return (
             du,
             ddelta,
-            dA.sum(0),
+            dA.sum((0, 1)),
             dB.sum(1).to(B.dtype),
             dC.sum(1).to(C.dtype),
-            dD.sum(0).to(d_dtype) if has_d else None,
+            dD.sum((0, 1)).to(d_dtype) if has_d else None,
             dz,
-            dbias.sum(0).to(bias_dtype) if has_bias else None,
+            dbias.sum((0, 1)).to(bias_dtype) if has_bias else None,
             None,
             None,
         )

@@ -26,7 +26,7 @@ from caduceus.tokenizer import CaduceusTokenizer, reverse_complement_batch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "caduceus-ph-4L-seqlen-1k-d118"
+DEFAULT_MODEL_NAME = "caduceus-dna-ph-4L-1k-d118-grch37"  # bundled: works offline
 POOLING_STRATEGIES = ["mean", "max", "last", "first"]
 RC_MODES = ("none", "average", "concat")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

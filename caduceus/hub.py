@@ -63,7 +63,11 @@ PUBLISHED_MODELS: dict[str, ModelInfo] = {
 
 # Models shipped inside the package: name -> ModelInfo (repo_id None), files in WEIGHTS_DIR / name.
 # Adding one is an entry here and a folder with config.json + model.safetensors.
-BUNDLED_MODELS: dict[str, ModelInfo] = {}
+# Pretrained by this project on GRCh37 chr20 + chrX 0-60 Mb (not the published weights; see each README.md).
+BUNDLED_MODELS: dict[str, ModelInfo] = {
+    "caduceus-dna-ph-4L-1k-d118-grch37": ModelInfo(1024, 118, 4),
+    "caduceus-dna-ps-4L-1k-d118-grch37": ModelInfo(1024, 118, 4),
+}
 
 # The naming of the published repos, e.g. caduceus-ps_seqlen-131k_d_model-256_n_layer-16[_lr-8e-3].
 _REPO_NAME = re.compile(r"caduceus-(?:ph|ps)_seqlen-(\d+)k_d_model-(\d+)_n_layer-(\d+)(?:_[\w.-]+)?")

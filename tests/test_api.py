@@ -54,12 +54,13 @@ def bases_hidden(model, sequence):
 
 def test_config_defaults_and_reference_keys():
     config = CaduceusConfig()
-    assert config.model_name == "caduceus-ph-4L-seqlen-1k-d118"
-    reference = {"input_size": 1024, "embedding_size": 118, "model_name": "caduceus-ph-4L-seqlen-1k-d118",
+    assert config.model_name == "caduceus-dna-ph-4L-1k-d118-grch37"  # the bundled Ph model: works offline
+    reference = {"input_size": 1024, "embedding_size": 118, "model_name": "caduceus-dna-ph-4L-1k-d118-grch37",
                  "pooling_strategy": "mean", "batch_size": 5, "device": "auto", "nproc": 1}
     assert {k: config.config[k] for k in reference} == reference
-    assert config.list_of_files_to_download == ["caduceus/caduceus-ph-4L-seqlen-1k-d118/model.safetensors",
-                                                "caduceus/caduceus-ph-4L-seqlen-1k-d118/config.json"]
+    published = CaduceusConfig(model_name="caduceus-ph-4L-seqlen-1k-d118")
+    assert published.list_of_files_to_download == ["caduceus/caduceus-ph-4L-seqlen-1k-d118/model.safetensors",
+                                                   "caduceus/caduceus-ph-4L-seqlen-1k-d118/config.json"]
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_MODELS))

@@ -30,7 +30,7 @@ from caduceus._genomics import (
     model_input_size,
     parse_region,
 )
-from caduceus.api import progress_bar, resolve_device
+from caduceus.api import DEFAULT_MODEL_NAME, progress_bar, resolve_device
 from caduceus.data import DataError, atomic_write
 from caduceus.modeling import CaduceusForMaskedLM
 
@@ -166,7 +166,8 @@ def add_command(subparsers) -> None:
     )
     parser.add_argument("--fasta", required=True, type=Path, help="reference FASTA")
     parser.add_argument("--region", required=True, help="chr:start-end (1-based, inclusive) or a whole chr")
-    parser.add_argument("--model", required=True, help="model name or directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL_NAME,
+                        help="model name or directory (default: %(default)s, bundled with the package)")
     parser.add_argument("--out", required=True, type=Path,
                         help="reference-base probability track, .bedgraph or (with pyBigWig) .bw; the entropy "
                              "track is written beside it as NAME.entropy.SUFFIX")

@@ -21,20 +21,6 @@ TINY = ["--seq-len", "64", "--extend-to", "0", "--d-model", "16", "--n-layer", "
         "--eval-windows", "8", "--num-workers", "0", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_numba_thread():
-    """Tiny models: numba's parallel scan only adds threading overhead (7x slower on 2 busy cores)."""
-    try:
-        import numba
-    except ImportError:
-        yield
-        return
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(threads)
-
-
 @pytest.fixture
 def slice_files(tmp_path: Path) -> tuple[str, str]:
     for suffix in ("fa", "bed"):

@@ -33,20 +33,6 @@ DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_numba_thread():
-    """Tiny models: numba's parallel scan only adds threading overhead (7x slower on 2 busy cores)."""
-    try:
-        import numba
-    except ImportError:
-        yield
-        return
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny(tmp_path: Path) -> PretrainConfig:
     """A d_model 16, one-layer model on 64-bp windows of the chr20 slice (files copied: pyfaidx writes a .fai)."""

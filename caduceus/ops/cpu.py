@@ -9,8 +9,7 @@ The elementwise parts around it (softplus of the step, the SiLU gate) are plain 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +17,14 @@ import torch.nn.functional as F
 from caduceus.ops import Backend, reference, register_backend
 
 try:
-    import numba
-
     from caduceus.ops import scan_numba
 except ImportError:  # numba is an optional extra
     scan_numba = None
 
 TORCH_CHUNK = 64
-# Below this many (batch · length · channels) elements, numba's thread start-up costs more than it saves.
-NUMBA_PARALLEL_MIN_ELEMENTS = 1 << 20
+# Below this many (batch · length · channels) elements a scan runs on the calling thread alone.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+_pool: ThreadPoolExecutor | None = None
 
 
 def _chunks(length: int, size: int, reverse: bool) -> list[slice]:
@@ -76,15 +74,19 @@ def _torch_backward(u, dt, A, B, C, D, reverse, states, dy):
     return du + dy * D, ddt, dA, dB, dC, (dy * u).sum((0, 1))
 
 
-@contextlib.contextmanager
-def _numba_threads(elements: int) -> Iterator[None]:
-    """One numba thread for small scans; all of them otherwise."""
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1 if elements < NUMBA_PARALLEL_MIN_ELEMENTS else numba.config.NUMBA_NUM_THREADS)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
+def _run_jobs(kernel, args: tuple, batch: int, dim: int) -> None:
+    """Run a numba kernel over its (batch × channel-block) jobs, split across PyTorch's thread count."""
+    jobs = batch * -(-dim // scan_numba.BLOCK_D)
+    workers = min(torch.get_num_threads(), jobs)
+    if workers <= 1 or batch * dim * args[0].shape[1] < PARALLEL_MIN_ELEMENTS:
+        kernel(*args, 0, jobs)
+        return
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caduceus-scan")
+    bounds = [jobs * i // workers for i in range(workers + 1)]
+    for future in [_pool.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        future.result()
 
 
 def _numba_arrays(*tensors: torch.Tensor) -> list:
@@ -96,8 +98,8 @@ def _numba_forward(u, dt, A, B, C, D, reverse):
     batch, length, dim = u.shape
     y = torch.empty(batch, length, dim)
     states = torch.empty(batch, -(-length // scan_numba.CHUNK), dim, A.shape[1])
-    with _numba_threads(u.numel()):
-        scan_numba.scan_forward(*_numba_arrays(u, dt, A, B, C, D), reverse, y.numpy(), states.numpy())
+    args = (*_numba_arrays(u, dt, A, B, C, D), reverse, y.numpy(), states.numpy())
+    _run_jobs(scan_numba.scan_forward, args, batch, dim)
     return y, states
 
 
@@ -109,11 +111,9 @@ def _numba_backward(u, dt, A, B, C, D, reverse, states, dy):
     dB_part = torch.zeros(n_blocks, batch, length, A.shape[1])
     dC_part = torch.zeros(n_blocks, batch, length, A.shape[1])
     dD_part = torch.zeros(batch, dim)
-    with _numba_threads(u.numel()):
-        scan_numba.scan_backward(
-            *_numba_arrays(u, dt, A, B, C, D), reverse, states.numpy(), *_numba_arrays(dy),
-            du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(),
-        )
+    args = (*_numba_arrays(u, dt, A, B, C, D), reverse, states.numpy(), *_numba_arrays(dy),
+            du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy())
+    _run_jobs(scan_numba.scan_backward, args, batch, dim)
     return du, ddt, dA_part.sum(0), dB_part.sum(0), dC_part.sum(0), dD_part.sum(0)
 
 

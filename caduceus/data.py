@@ -16,8 +16,7 @@ a share of the batch each see exactly what one process with the whole batch sees
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from caduceus.files import atomic_write
 from caduceus.tokenizer import A_ID, C_ID, COMPLEMENT_IDS, G_ID, MASK_ID, PAD_ID, T_ID, VOCAB_SIZE
 
 SPLITS = ("train", "valid", "test")
@@ -45,22 +45,6 @@ COMPLEMENT = COMPLEMENT_IDS.astype(np.uint8)
 
 class DataError(ValueError):
     """Unusable input data (file, line and reason in the message)."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call ``write(temporary_path)`` then rename the result over ``path``: readers see all or nothing."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

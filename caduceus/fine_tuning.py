@@ -29,7 +29,8 @@ from torch import nn
 from caduceus import metrics
 from caduceus.api import Caduceus, CaduceusConfig, autocast, pool, progress_bar
 from caduceus.dna_dataset import DNADataset, base_mask
-from caduceus.modeling import CaduceusForMaskedLM, _atomic_write
+from caduceus.files import atomic_write
+from caduceus.modeling import CaduceusForMaskedLM
 from caduceus.tokenizer import reverse_complement_batch
 
 HEAD_WEIGHTS_NAME = "fine_tuning_head.safetensors"
@@ -414,8 +415,8 @@ class CaduceusFineTuningModel(nn.Module, Caduceus):
             "base_model": self.config["model_name"],
         }
         head_state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        _atomic_write(directory / HEAD_WEIGHTS_NAME, lambda tmp: save_file(head_state, tmp))
-        _atomic_write(directory / FINE_TUNING_CONFIG_NAME,
+        atomic_write(directory / HEAD_WEIGHTS_NAME, lambda tmp: save_file(head_state, tmp))
+        atomic_write(directory / FINE_TUNING_CONFIG_NAME,
                       lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
 
     @classmethod

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from caduceus.data import DataError, FastaGenome, atomic_write, write_packed
+from caduceus.data import DataError, FastaGenome, write_packed
+from caduceus.files import atomic_write
 
 FASTA_NAME = "grch37_chr20_chrX.fa"
 BED_NAME = "splits.bed"

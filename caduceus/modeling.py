@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from caduceus import ops
 from caduceus.configuration import CaduceusModelConfig
+from caduceus.files import atomic_write
 from caduceus.tokenizer import PAD_ID, reverse_complement_ids
 
 CONFIG_NAME = "config.json"
@@ -402,8 +402,8 @@ class CaduceusForMaskedLM(nn.Module):
                 continue
             seen.add(tensor.data_ptr())
             tensors[name] = tensor.detach().to("cpu").contiguous()
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(self.config.to_json_string()))
+        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(self.config.to_json_string()))
 
     @classmethod
     def from_pretrained(
@@ -465,15 +465,3 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from None
-
-
-def _atomic_write(path: Path, write: callable) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

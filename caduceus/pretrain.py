@@ -44,9 +44,9 @@ from caduceus.data import (
     MaskedLMDataset,
     StepBatchSampler,
     WindowDataset,
-    atomic_write,
     open_data,
 )
+from caduceus.files import atomic_write
 from caduceus.modeling import CaduceusForMaskedLM
 from caduceus.tokenizer import PAD_ID
 

@@ -31,12 +31,14 @@ import csv
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,6 +85,7 @@ class Settings:
     cagi5_embeddings: bool = True
     seed: int = 0
     device: str = "auto"
+    jobs: int = 1  # tasks run in this many processes at once (on a GPU the small models leave it mostly idle)
 
     @classmethod
     def quick(cls, **overrides: object) -> Settings:
@@ -123,7 +126,7 @@ def stratified_subset(labels: np.ndarray, size: int | None, rng: np.random.Gener
 # Methods: each trains on (sequences, labels) and returns class probabilities on the test sequences
 
 
-def kmer_logistic_regression(train: list[str], train_labels: np.ndarray, test: list[str]) -> np.ndarray:
+def kmer_logistic_regression(train: list[str], train_labels: np.ndarray, test: list[str], seed: int = 0) -> np.ndarray:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -134,7 +137,8 @@ def kmer_logistic_regression(train: list[str], train_labels: np.ndarray, test: l
     model = make_pipeline(
         CountVectorizer(analyzer="char", ngram_range=(KMER_K, KMER_K), lowercase=False),
         Normalizer(),
-        GridSearchCV(LogisticRegression(solver="saga", max_iter=2000), {"C": [0.01, 0.1, 1.0, 10.0]}, cv=3),
+        GridSearchCV(LogisticRegression(solver="saga", max_iter=2000, random_state=seed),
+                     {"C": [0.01, 0.1, 1.0, 10.0]}, cv=3),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -279,7 +283,7 @@ def genomic_benchmark(dataset: str, models: dict[str, str], settings: Settings) 
     test, test_labels = [test[i] for i in keep_test], test_labels[keep_test]
     result = TaskResult(dataset, len(train), len(test))
     methods = {
-        "k-mer LR": lambda: kmer_logistic_regression(train, train_labels, test),
+        "k-mer LR": lambda: kmer_logistic_regression(train, train_labels, test, settings.seed),
         "CNN": lambda: cnn_baseline(train, train_labels, test, settings.cnn_epochs, settings.seed),
         **{name: (lambda m=model: finetune_caduceus(m, train, train_labels, test, settings))
            for name, model in models.items()},
@@ -334,6 +338,8 @@ def cagi5_benchmark(models: dict[str, str], settings: Settings) -> TaskResult:
 
 def run_benchmark(settings: Settings) -> list[TaskResult]:
     """Run both parts; returns one result per task (the Genomic Benchmarks sets, then CAGI5)."""
+    if settings.jobs < 1:
+        raise DataError(f"--jobs must be at least 1, got {settings.jobs}")
     unknown = set(settings.datasets) - set(DATASETS)
     if unknown:
         raise DataError(f"unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(DATASETS)}")
@@ -348,9 +354,17 @@ def run_benchmark(settings: Settings) -> list[TaskResult]:
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     models = resolve_models(settings)
     _log(f"models: {', '.join(f'{k} ({v})' for k, v in models.items())}")
-    results = [genomic_benchmark(dataset, models, settings) for dataset in settings.datasets]
-    results.append(cagi5_benchmark(models, settings))
-    return results
+    tasks = [(genomic_benchmark, (dataset, models, settings)) for dataset in settings.datasets]
+    tasks.append((cagi5_benchmark, (models, settings)))
+    if settings.jobs <= 1:
+        return [function(*arguments) for function, arguments in tasks]
+    # Each task seeds its own generators, so its scores do not depend on which process runs it.
+    threads = max(1, (os.cpu_count() or 1) // settings.jobs)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    with ProcessPoolExecutor(settings.jobs, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(function, *arguments) for function, arguments in tasks]
+        return [future.result() for future in futures]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,6 +466,10 @@ def add_command(subparsers) -> None:
     parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3; quick 2e-3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the tasks (datasets, CAGI5) in this many processes at once; each task seeds its own "
+                             "generators (on CPU its scores are those of one process); its times are not speed "
+                             "figures (default 1)")
     parser.set_defaults(run=run)
 
 
@@ -476,7 +494,8 @@ def run(args: argparse.Namespace) -> None:
     common = {"data_dir": args.data or default_data_dir(), "fasta": args.fasta, "out_dir": args.out_dir,
               "cagi5_vcf": args.cagi5_vcf, "cagi5_window": args.cagi5_window,
               "models": [m for m in args.models.split(",") if m] if args.models is not None else None,
-              "datasets": tuple(d for d in args.datasets.split(",") if d), "seed": args.seed, "device": args.device}
+              "datasets": tuple(d for d in args.datasets.split(",") if d), "seed": args.seed, "device": args.device,
+              "jobs": args.jobs}
     settings = Settings.quick(**common, **overrides) if args.quick else Settings(**common, **overrides)
     started = time.time()
     results = run_benchmark(settings)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from caduceus.benchmark import GenomicBenchmarksCNN, load_split, stratified_subset
+from caduceus.benchmark import GenomicBenchmarksCNN, Settings, load_split, run_benchmark, stratified_subset
 from caduceus.cli import main
 from tests.analysis_data import SLICE, VEP_DATA
 from tests.conftest import FIXTURES
@@ -57,11 +57,25 @@ def test_quick_command_end_to_end(tmp_path, capsys):
     assert "| human_enhancers_cohn |" in capsys.readouterr().out
 
 
+def test_parallel_jobs_give_the_scores_of_one_process(tmp_path):
+    settings = dict(data_dir=SAMPLE, fasta=SLICE, cagi5_vcf=VEP_DATA / "hnf4a_cagi5.vcf", cagi5_window=32,
+                    models=[str(PH)], datasets=("human_enhancers_cohn",), cnn_epochs=1, device="cpu")
+    serial = run_benchmark(Settings.quick(out_dir=tmp_path / "serial", **settings))
+    parallel = run_benchmark(Settings.quick(out_dir=tmp_path / "parallel", jobs=2, **settings))
+    assert [r.task for r in parallel] == [r.task for r in serial] == ["human_enhancers_cohn", "cagi5_hnf4a"]
+    for one, other in zip(serial, parallel):
+        assert other.scores.keys() == one.scores.keys()
+        for method, values in one.scores.items():
+            assert other.scores[method] == pytest.approx(values, abs=1e-5), (one.task, method)
+
+
 def test_bad_input_is_refused_before_work(tmp_path, capsys):
     assert main(["benchmark", "--data", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 1
     assert "genomic_benchmarks_grch37_subset/human_enhancers_cohn/train.tsv.gz: not found" in capsys.readouterr().err
     assert main(["benchmark", "--data", str(SAMPLE), "--datasets", "mouse", "--out-dir", str(tmp_path)]) == 1
     assert "unknown dataset(s) mouse" in capsys.readouterr().err
+    assert main(["benchmark", "--data", str(SAMPLE), "--jobs", "0", "--out-dir", str(tmp_path)]) == 1
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
     assert main(["benchmark", "--data", str(SAMPLE), "--datasets", "human_enhancers_cohn", "--models", "nonexistent",
                  "--cagi5-vcf", str(VEP_DATA / "hnf4a_cagi5.vcf"), "--out-dir", str(tmp_path)]) == 1
     assert "'nonexistent' is neither a model directory nor a known model name" in capsys.readouterr().err

@@ -4,7 +4,8 @@ The recurrence is a custom autograd Function (``StateScan``) that stores only th
 boundaries and recomputes inside each chunk for the backward, so training keeps no per-step tensors.
 On CPU with numba installed its loops run in ``scan_numba``; otherwise, and on other devices, a chunked
 PyTorch loop does: decays for a whole chunk in one vectorised exp, then one fused multiply-add per step.
-The elementwise parts around it (softplus of the step, the SiLU gate) are plain PyTorch ops.
+The elementwise parts around it (softplus of the step, the SiLU gate) are plain PyTorch ops under
+autograd; in inference on CPU the numba kernel applies them itself.
 """
 
 from __future__ import annotations
@@ -94,11 +95,15 @@ def _numba_arrays(*tensors: torch.Tensor) -> list:
     return [t.contiguous().numpy() for t in tensors]
 
 
-def _numba_forward(u, dt, A, B, C, D, reverse):
+def _numba_forward(u, delta, A, B, C, D, reverse, bias=None, z=None, softplus=False, save_states=True):
+    """The scan on numba; given ``softplus``, ``bias`` and ``z`` the kernel applies them too (inference)."""
     batch, length, dim = u.shape
     y = torch.empty(batch, length, dim)
-    states = torch.empty(batch, -(-length // scan_numba.CHUNK), dim, A.shape[1])
-    args = (*_numba_arrays(u, dt, A, B, C, D), reverse, y.numpy(), states.numpy())
+    shape = (batch, -(-length // scan_numba.CHUNK), dim, A.shape[1]) if save_states else (1, 1, 1, 1)
+    states = torch.empty(shape)
+    bias = torch.zeros(dim) if bias is None else bias
+    args = (*_numba_arrays(u, delta, bias, A, B, C, D, u if z is None else z), softplus, z is not None, reverse,
+            y.numpy(), states.numpy(), save_states)
     _run_jobs(scan_numba.scan_forward, args, batch, dim)
     return y, states
 
@@ -123,7 +128,7 @@ class StateScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D, reverse):
-        use_numba = scan_numba is not None and u.device.type == "cpu" and u.dtype == torch.float32
+        use_numba = _use_numba(u)
         y, states = (_numba_forward if use_numba else _torch_forward)(u, dt, A, B, C, D, reverse)
         ctx.save_for_backward(u, dt, A, B, C, D, states)
         ctx.reverse, ctx.use_numba = reverse, use_numba
@@ -136,17 +141,26 @@ class StateScan(torch.autograd.Function):
         return (*backward(u, dt, A, B, C, D, ctx.reverse, states, dy.to(u.dtype)), None)
 
 
+def _use_numba(u: torch.Tensor) -> bool:
+    return scan_numba is not None and u.device.type == "cpu" and u.dtype == torch.float32
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, reverse=False):
     dtype = u.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    dt = delta.to(compute) if delta_bias is None else delta.to(compute) + delta_bias.to(compute)
-    if delta_softplus:
-        dt = torch.where(dt > 20.0, dt, F.softplus(dt))
+    u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     D = torch.zeros(u.shape[-1], device=u.device, dtype=compute) if D is None else D.to(compute)
-    y = StateScan.apply(u.to(compute), dt, A.to(compute), B.to(compute), C.to(compute), D, reverse)
-    if z is not None:
-        y = y * F.silu(z.to(compute))
-    return y.to(dtype)
+    bias = None if delta_bias is None else delta_bias.to(compute)
+    z = None if z is None else z.to(compute)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z,
+                                                                                           bias))
+    if _use_numba(u) and not needs_grad:  # inference: one kernel does it all and keeps no states
+        return _numba_forward(u, delta, A, B, C, D, reverse, bias, z, delta_softplus, save_states=False)[0].to(dtype)
+    dt = delta if bias is None else delta + bias
+    if delta_softplus:
+        dt = F.softplus(dt)  # the identity above its threshold, 20, as in the CUDA kernel
+    y = StateScan.apply(u, dt, A, B, C, D, reverse)
+    return (y if z is None else y * F.silu(z)).to(dtype)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False):

@@ -88,21 +88,29 @@ def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n
     }
 
 
-SWEEP_BWD = [{"SUB": 2, "programs": 512}, {"SUB": 4, "programs": 512}, {"SUB": 2, "programs": 1024},
-             {"SUB": 4, "programs": 1024}, {"SUB": 4, "programs": 2048}, {"SUB": 8, "programs": 1024}]
+SWEEP_FWD = [{"U": 4, "mufu": True, "U_idle": 8, "U_idle_save": 4, "mufu_idle": False, "programs": 4096},
+             {"U": 8, "mufu": False, "U_idle": 4, "U_idle_save": 4, "mufu_idle": True, "programs": 4096},
+             {"U": 4, "mufu": False, "U_idle": 8, "U_idle_save": 8, "mufu_idle": True, "programs": 2048}]
+SWEEP_BWD = [{"SUB": 4, "programs": 4096, "mufu": True}, {"SUB": 4, "programs": 2048, "mufu": True},
+             {"SUB": 4, "programs": 2048, "mufu": False}, {"SUB": 2, "programs": 4096, "mufu": True}]
 
 
-def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int]) -> list[dict]:
-    """Backward launch configurations (piece length, programs before time is cut into segments) at one shape."""
+def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str) -> list[dict]:
+    """Launch configurations (scan.FWD_CONFIG, scan.BWD_CONFIG) of the forward or the backward at one shape: prefetch
+    depth U (with many or few programs, with or without saved states) or piece length SUB, the number of programs
+    that time segments make up to, the MUFU log2 and reciprocal on or off. The first entry is the default."""
+    config, configs = ((triton_scan.FWD_CONFIG, SWEEP_FWD) if direction == "fwd"
+                       else (triton_scan.BWD_CONFIG, SWEEP_BWD))
     rows = []
-    default = dict(triton_scan.BWD_CONFIG)
-    for cfg in SWEEP_BWD:
-        triton_scan.BWD_CONFIG.update(cfg)
+    default = dict(config)
+    for cfg in configs:
+        config.update(cfg)
         row = bench_scan(*shape, exp_rate, bandwidth)
-        row.update(bwd_config=dict(triton_scan.BWD_CONFIG))
+        row.update(direction=direction, config=dict(config))
         rows.append(row)
-        print(f"  sweep {shape} bwd {cfg}: fwd {row['fwd_ms']:.2f} ms, bwd {row['bwd_ms']:.2f} ms", flush=True)
-    triton_scan.BWD_CONFIG.update(default)
+        print(f"  sweep {shape} {direction} {cfg}: fwd {row['fwd_ms']:.2f} ms, bwd {row['bwd_ms']:.2f} ms",
+              flush=True)
+    config.update(default)
     return rows
 
 
@@ -205,7 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scan", action="store_true", help="the selective scan alone")
     parser.add_argument("--model", action="store_true", help="whole-model throughput and memory")
-    parser.add_argument("--sweep", action="store_true", help="launch configurations of the scan's backward")
+    parser.add_argument("--sweep", action="store_true", help="launch configurations of the scan")
     parser.add_argument("--profile", action="store_true", help="CUDA time per kernel of a d118 training step")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args()
@@ -215,8 +223,8 @@ def main() -> None:
     report["copy_bytes_per_s"] = bandwidth = copy_bandwidth()
     print(f"{report['device']}: exp2 {exp_rate:.3e}/s, copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
-        report["sweep"] = [row for shape in [(16, 32768, 512), (1, 131072, 512), (256, 1024, 236)]
-                           for row in sweep(exp_rate, bandwidth, shape)]
+        report["sweep"] = [row for shape in [(16, 131072, 512), (1, 131072, 512), (256, 1024, 236)]
+                           for direction in ("fwd", "bwd") for row in sweep(exp_rate, bandwidth, shape, direction)]
     if args.profile:
         profile_training(n_layer=4, d_model=118, batch=256, length=1024)
     if args.scan:

@@ -38,7 +38,10 @@ def test_registered_for_cuda() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize(("batch", "length", "dim"), [(1, 1, 236), (3, 300, 236), (2, 513, 512)])
+# (32, 300, 256) has enough (batch, channel block) programs to run in one time segment; (64, 40, 512) has enough to
+# take scan.FWD_CONFIG's "busy" settings; the others have few and are cut into time segments where long enough.
+@pytest.mark.parametrize(("batch", "length", "dim"), [(1, 1, 236), (3, 300, 236), (2, 513, 512), (32, 300, 256),
+                                                      (64, 40, 512)])
 @pytest.mark.parametrize("full", [True, False])
 def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
     torch.manual_seed(length + dim)

@@ -13,27 +13,60 @@ segments by a small chaining kernel.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# The CPU interpreter (TRITON_INTERPRET=1) runs no PTX: the kernels' ``MUFU`` forms are off there.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 of a bf16 (b, l, d) tensor
-FWD_CONFIG = {"BD": 16, "U": 4, "num_warps": 1, "programs": 512}  # programs: least before time is cut
-BWD_CONFIG = {"BD": 16, "SUB": 4, "num_warps": 1, "programs": 2048}
+# Time is cut into segments when fewer than ``cut_below`` (batch, channel block) programs would run, into as many as
+# make about ``programs`` programs; the forward's cut costs a second pass over the exps, the backward's does not.
+# U: steps per prefetched block. mufu: softplus' log2 and the sigmoid's reciprocal as single MUFU instructions
+# instead of FMA-pipe sequences. From ``busy`` forward programs on (several warps per SM sub-partition) the forward is
+# issue-bound and fewer instructions win (U 4, mufu); with fewer it is latency-bound: the FMA-pipe forms and, without
+# saved states, the deeper prefetch of U 8 (which spills; with the state stores it measured slower) win ("_idle" keys).
+# See BENCHMARKS.md, GPU (H100).
+FWD_CONFIG = {"BD": 16, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4, "mufu": True,
+              "U_idle": 8, "U_idle_save": 4, "mufu_idle": False}
+BWD_CONFIG = {"BD": 16, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True}
 
 
 @triton.jit
-def _softplus(x):
-    """log(1 + e^x) through exp2/log2 (two MUFU ops), identity above 20 like the CUDA kernel."""
-    return tl.where(x <= 20.0, tl.log2(1.0 + tl.exp2(x * LOG2E)) * LN2, x)
+def _log2(x, MUFU: tl.constexpr):
+    """log2 for x >= 1. tl.log2 compiles to a ~25-instruction FMA polynomial; ``MUFU``: lg2.approx (one MUFU op,
+    relative error ~2^-22), which competes with the decays' exp2 for the MUFU pipe."""
+    if MUFU:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+def _rcp(x, MUFU: tl.constexpr):
+    """1 / x for x >= 1: ``MUFU``: rcp.approx (one MUFU op, ~1 ulp) instead of the full-range division."""
+    if MUFU:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _softplus(x, MUFU: tl.constexpr):
+    """log(1 + e^x) through exp2/log2, identity above 20 like the CUDA kernel."""
+    return tl.where(x <= 20.0, _log2(1.0 + tl.exp2(x * LOG2E), MUFU) * LN2, x)
+
+
+@triton.jit
+def _sigmoid(x, MUFU: tl.constexpr):
+    return _rcp(1.0 + tl.exp2(-x * LOG2E), MUFU)
 
 
 @triton.jit
@@ -80,11 +113,11 @@ def _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, end, offs_d, o
 
 
 @triton.jit
-def _dt(raw, bias, valid, SOFTPLUS: tl.constexpr):
+def _dt(raw, bias, valid, SOFTPLUS: tl.constexpr, MUFU: tl.constexpr):
     """Discretisation step softplus(raw + bias); 0 on steps past the end so that they leave the state unchanged."""
     x = raw + bias
     if SOFTPLUS:
-        x = _softplus(x)
+        x = _softplus(x, MUFU)
     return tl.where(valid, x, 0.0)
 
 
@@ -112,6 +145,7 @@ def _scan_fwd_kernel(
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_INIT: tl.constexpr,
+    MUFU: tl.constexpr,
 ):
     """out = scan(...) for one (batch row, channel block, segment of SEG walk steps); states[b, c] = the state
     before walk step c*CHUNK. With several segments the scan runs twice: first ``STATE_ONLY``, each segment from a
@@ -152,7 +186,7 @@ def _scan_fwd_kernel(
         for j in tl.static_range(U):
             valid = i0 + j < end
             u = us[j].to(tl.float32)
-            dt = _dt(dts[j].to(tl.float32), bias, valid, SOFTPLUS)
+            dt = _dt(dts[j].to(tl.float32), bias, valid, SOFTPLUS, MUFU)
             h = tl.exp2(dt[None, None, :] * A2) * h + (dt * u)[None, None, :] * Bs[j].to(tl.float32)
             if STATE_ONLY:
                 dt_sum += dt
@@ -160,7 +194,7 @@ def _scan_fwd_kernel(
                 y = _sum_n(h * Cs[j].to(tl.float32)) + Dv * u
                 if HAS_Z:
                     z = zs[j].to(tl.float32)
-                    y = y * z * _sigmoid(z)
+                    y = y * z * _sigmoid(z, MUFU)
                 tl.store(out_ptr + out_base + j * out_step + offs_d, y.to(out_ptr.dtype.element_ty),
                          mask=mask_d & valid)
     if STATE_ONLY:
@@ -169,10 +203,10 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _gate(g, z, HAS_Z: tl.constexpr):
+def _gate(g, z, HAS_Z: tl.constexpr, MUFU: tl.constexpr):
     """The output gradient seen by the scan: dout * z * sigmoid(z) under the SiLU(z) gate."""
     if HAS_Z:
-        g = g * z * _sigmoid(z)
+        g = g * z * _sigmoid(z, MUFU)
     return g
 
 
@@ -184,7 +218,7 @@ def _scan_bwd_kernel(
     s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_gb, s_gl,
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
 ):
     """Gradients for one (batch row, channel block, segment of SEG walk steps, a multiple of CHUNK). du, ddt, dz share
     dout's (b, l, d) strides; dB/dC partials are (b, channel block, l, n); dA (b, segment, d, n), dD and dbias
@@ -230,8 +264,8 @@ def _scan_bwd_kernel(
                 base, step = _row_base(pid_b, i0, L, s_zb, s_zl, REVERSE)
                 zs = _rows(z_ptr, base, step, i0, L, offs_d, mask_d, SUB)
             for j in tl.static_range(SUB - 1, -1, -1):
-                dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS)
-                g = _gate(gs[j].to(tl.float32), zs[j].to(tl.float32), HAS_Z)
+                dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU)
+                g = _gate(gs[j].to(tl.float32), zs[j].to(tl.float32), HAS_Z, MUFU)
                 dh = (dh + g[None, None, :] * Cs[j].to(tl.float32)) * tl.exp2(dt[None, None, :] * A2)
                 dt_sum += dt
         tl.store(seg_adj, dh, mask=mask_dn)
@@ -259,7 +293,7 @@ def _scan_bwd_kernel(
                                                 mask_d, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
                                                 False, False, REVERSE, SUB)
                 for j in tl.static_range(SUB):
-                    dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS)
+                    dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU)
                     h = tl.exp2(dt[None, None, :] * A2) * h + (dt * us[j].to(tl.float32))[None, None, :] * Bs[j]
             # Walk the pieces backwards: the piece's states and decays in registers, then the adjoint step by step.
             for s_rev in range(n_sub):
@@ -275,7 +309,7 @@ def _scan_bwd_kernel(
                 decays = ()
                 steps = ()
                 for j in tl.static_range(SUB):
-                    dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS)
+                    dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU)
                     a = tl.exp2(dt[None, None, :] * A2)
                     h = a * h + (dt * us[j].to(tl.float32))[None, None, :] * Bs[j]
                     hs = hs + (h,)
@@ -290,7 +324,7 @@ def _scan_bwd_kernel(
                     g = gs[j].to(tl.float32)
                     if HAS_Z:
                         z = zs[j].to(tl.float32)
-                        sig = _sigmoid(z)
+                        sig = _sigmoid(z, MUFU)
                         y = _sum_n(hs[j + 1] * Cj) + Dv * u
                         dz = g * y * sig * (1.0 + z * (1.0 - sig))
                         tl.store(dz_ptr + base + j * step + offs_d, dz.to(dz_ptr.dtype.element_ty),
@@ -302,7 +336,7 @@ def _scan_bwd_kernel(
                     ddt = _sum_n(w * A) + u * dhB
                     if SOFTPLUS:
                         x = dts[j].to(tl.float32) + bias
-                        ddt = tl.where(x <= 20.0, ddt * _sigmoid(x), ddt)
+                        ddt = tl.where(x <= 20.0, ddt * _sigmoid(x, MUFU), ddt)
                     du = dt * dhB + Dv * g
                     dA_acc += w * dt[None, None, :]
                     dD_acc += g * u
@@ -345,8 +379,10 @@ def _chain_segments(seg: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor, re
     _chain_kernel[(batch, triton.cdiv(dim * n, block))](seg, seg_dt, A, n_seg, dim, N=n, BLOCK=block, REVERSE=reverse)
 
 
-def _segments(length: int, programs: int, target: int) -> tuple[int, int]:
-    """Segment length (a multiple of CHUNK) and count such that programs * count reaches about ``target``."""
+def _segments(length: int, programs: int, cfg: dict) -> tuple[int, int]:
+    """Segment length (a multiple of CHUNK) and count: one segment from ``cfg["cut_below"]`` programs on, else such
+    that programs * count reaches about ``cfg["programs"]``."""
+    target = cfg["programs"] if programs < cfg["cut_below"] else 1
     seg_len = max(CHUNK, triton.cdiv(triton.cdiv(length, triton.cdiv(target, programs)), CHUNK) * CHUNK)
     return seg_len, triton.cdiv(length, seg_len)
 
@@ -388,7 +424,11 @@ class SelectiveScanFn(torch.autograd.Function):
         cfg = FWD_CONFIG
         n_blocks = triton.cdiv(dim, cfg["BD"])
         # Few (batch, channel block) programs leave most SMs idle: cut time into segments run in parallel.
-        seg_len, n_seg = _segments(length, batch * n_blocks, cfg["programs"])
+        seg_len, n_seg = _segments(length, batch * n_blocks, cfg)
+        if batch * n_blocks * n_seg >= cfg["busy"]:
+            steps, mufu = cfg["U"], cfg["mufu"]
+        else:
+            steps, mufu = cfg["U_idle_save"] if save else cfg["U_idle"], cfg["mufu_idle"]
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
 
@@ -397,9 +437,10 @@ class SelectiveScanFn(torch.autograd.Function):
                 u, delta, A, B, C, D_ if D_ is not None else A, z if z is not None else u,
                 bias if bias is not None else A, out, states, seg_state, seg_dt, length, dim, seg_len, 1,
                 *_strides(u, delta, z if z is not None else u, B, C, out),
-                N=n, NV=min(n, 8), BD=cfg["BD"], U=cfg["U"], CHUNK=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
+                N=n, NV=min(n, 8), BD=cfg["BD"], U=steps, CHUNK=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-                SAVE_STATES=save_states, STATE_ONLY=state_only, HAS_INIT=has_init, num_warps=cfg["num_warps"],
+                SAVE_STATES=save_states, STATE_ONLY=state_only, HAS_INIT=has_init,
+                MUFU=mufu and not INTERPRET, num_warps=cfg["num_warps"],
             )
 
         if length > 0:
@@ -426,7 +467,7 @@ class SelectiveScanFn(torch.autograd.Function):
         du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         ddelta = torch.empty(u.shape, dtype=delta.dtype, device=u.device)
         dz = torch.empty(u.shape, dtype=z.dtype, device=u.device) if has_z else None
-        seg_len, n_seg = _segments(length, batch * n_blocks, cfg["programs"])
+        seg_len, n_seg = _segments(length, batch * n_blocks, cfg)
         dA = torch.empty(batch, n_seg, dim, n, **f32)
         dD = torch.empty(batch, n_seg, dim, **f32)
         dbias = torch.empty(batch, n_seg, dim, **f32)
@@ -443,7 +484,7 @@ class SelectiveScanFn(torch.autograd.Function):
                 length, dim, seg_len, 1, *_strides(u, delta, z if has_z else u, B, C, dout),
                 N=n, NV=min(n, 8), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
-                num_warps=cfg["num_warps"],
+                MUFU=cfg["mufu"] and not INTERPRET, num_warps=cfg["num_warps"],
             )
 
         if length > 0:

@@ -106,3 +106,22 @@ def test_rms_norm(dtype, residual) -> None:
     for leaf, r in zip(leaves, refs):
         if leaf is not None:
             assert _rel(leaf.grad, r.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("name", ["ph_d32_n2", "ph_d48_n3_ewmul", "ps_d32_n2"])
+def test_published_fixtures_on_cuda(name: str) -> None:
+    """The whole model on the Triton backend computes what the upstream code computed (fp32)."""
+    from safetensors.torch import load_file
+
+    from caduceus import CaduceusForMaskedLM
+    from tests.conftest import FIXTURES
+
+    model = CaduceusForMaskedLM.from_pretrained(FIXTURES / name).cuda().eval()
+    expected = load_file(FIXTURES / name / "io.safetensors")
+    _poison()
+    with torch.no_grad():
+        out = model(expected["input_ids"].cuda(), output_hidden_states=True)
+    assert _rel(out.logits, expected["logits"].cuda()) <= TOL[torch.float32]
+    assert _rel(out.last_hidden_state, expected["last_hidden_state"].cuda()) <= TOL[torch.float32]
+    for i, hidden in enumerate(out.hidden_states):
+        assert _rel(hidden, expected[f"hidden_states.{i}"].cuda()) <= TOL[torch.float32], i

@@ -37,14 +37,15 @@ BLOCK_D = 16
 CHUNK = 256
 TILE = 16  # steps per time tile: the rows of a tile, for all of a thread's jobs, stay in cache
 _LOG2E = np.float32(1.4426950408889634)
-# 2^f on [-0.5, 0.5]: Chebyshev fit of degree 6 (relative error 2.6e-9 in exact arithmetic, 1.1e-7 in float32).
-_E0, _E1, _E2, _E3, _E4, _E5, _E6 = (np.float32(c) for c in (
-    1.0, 0.6931471824645996, 0.24022650718688965, 0.05550327152013779, 0.00961802527308464,
-    0.0013400432653725147, 0.00015469732170458883))
-# log1p(v) / v on [0, 1]: Chebyshev fit of degree 10 (relative error 8.5e-9 in exact arithmetic).
-_L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7, _L8, _L9, _L10 = (np.float32(c) for c in (
-    1.0, -0.49999982, 0.33332568, -0.24987392, 0.19891538, -0.16108632, 0.12425103, -0.082535334, 0.04155762,
-    -0.013444831, 0.0020376905))
+# Polynomial coefficients, highest degree first (Chebyshev fits in float64, rounded to float32):
+# 2^f on [-0.5, 0.5], degree 6: relative error 2.6e-9 exactly, 1.1e-7 evaluated in float32;
+_EXP2_COEFFS = tuple(np.float32(c) for c in (
+    0.00015469732170458883, 0.0013400432653725147, 0.00961802527308464, 0.05550327152013779, 0.24022650718688965,
+    0.6931471824645996, 1.0))
+# log1p(v) / v on [0, 1], degree 10: relative error 8.5e-9 exactly.
+_LOG1P_COEFFS = tuple(np.float32(c) for c in (
+    0.0020376905, -0.013444831, 0.04155762, -0.082535334, 0.12425103, -0.16108632, 0.19891538, -0.24987392,
+    0.33332568, -0.49999982, 1.0))
 
 
 @intrinsic
@@ -58,36 +59,26 @@ def _as_float32(typingctx, bits):
 
 
 @njit(inline="always", fastmath=True, error_model="numpy")
+def _polynomial(coeffs, x: float) -> float:
+    """Horner's rule, highest degree first (the tuple is unrolled at compile time)."""
+    p = coeffs[0]
+    for c in coeffs[1:]:
+        p = p * x + c
+    return p
+
+
+@njit(inline="always", fastmath=True, error_model="numpy")
 def _exp2(x: float) -> float:
     """2^x for x clamped to [-126, 126]: polynomial of the fraction times the exponent bits."""
     x = min(max(x, np.float32(-126.0)), np.float32(126.0))
     k = np.rint(x)
-    f = x - k
-    p = _E6
-    p = p * f + _E5
-    p = p * f + _E4
-    p = p * f + _E3
-    p = p * f + _E2
-    p = p * f + _E1
-    p = p * f + _E0
-    return p * _as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    return _polynomial(_EXP2_COEFFS, x - k) * _as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
 @njit(inline="always", fastmath=True, error_model="numpy")
 def _log1p_unit(v: float) -> float:
     """ln(1 + v) for v in [0, 1]."""
-    p = _L10
-    p = p * v + _L9
-    p = p * v + _L8
-    p = p * v + _L7
-    p = p * v + _L6
-    p = p * v + _L5
-    p = p * v + _L4
-    p = p * v + _L3
-    p = p * v + _L2
-    p = p * v + _L1
-    p = p * v + _L0
-    return v * p
+    return v * _polynomial(_LOG1P_COEFFS, v)
 
 
 @njit(inline="always", fastmath=True, error_model="numpy")

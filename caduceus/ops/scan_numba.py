@@ -5,7 +5,7 @@ is a polynomial with an exponent-bit scale that LLVM vectorises (relative error 
 of the result). The forward puts a block's 16 channels on the vector lanes, so that C·h needs no horizontal
 sum, walks time in tiles of ``TILE`` steps across all its jobs (a tile's rows stay in cache), and computes
 the softplus step and the SiLU gate itself; it saves the state at chunk boundaries only. The backward
-recomputes each chunk from its saved state and walks it in reverse.
+recomputes each chunk's states and decays from its saved state and walks it in reverse.
 
 The kernels run the jobs ``first..last`` without the GIL; the caller spreads job ranges over Python
 threads. (numba's own ``parallel=True`` pool spin-waits between calls and starves PyTorch's threads:
@@ -166,8 +166,8 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
         d0 = blk * BLOCK_D
         d1 = min(d0 + BLOCK_D, dim)
         hs = np.empty((CHUNK + 1, BLOCK_D, n_state), np.float32)
+        decays = np.empty((CHUNK, BLOCK_D, n_state), np.float32)  # kept from the recompute: no second exp
         dh = np.zeros((BLOCK_D, n_state), np.float32)
-        decay = np.empty(n_state, np.float32)
         for chunk in range(n_chunks - 1, -1, -1):
             s0 = chunk * CHUNK
             s1 = min(s0 + CHUNK, length)
@@ -181,7 +181,8 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
                     step_dt = dt[b, t, d]
                     du_ = step_dt * u[b, t, d]
                     for n in range(n_state):
-                        hs[i + 1, d - d0, n] = _exp2(step_dt * A[d, n] * _LOG2E) * hs[i, d - d0, n] + du_ * B[b, t, n]
+                        decays[i, d - d0, n] = _exp2(step_dt * A[d, n] * _LOG2E)
+                        hs[i + 1, d - d0, n] = decays[i, d - d0, n] * hs[i, d - d0, n] + du_ * B[b, t, n]
             for step in range(s1 - 1, s0 - 1, -1):
                 t = _position(step, length, reverse)
                 i = step - s0
@@ -192,17 +193,16 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
                     g = dy[b, t, d]
                     dD_part[b, d] += g * ut
                     du_t = g * D[d]
-                    for n in range(n_state):
-                        decay[n] = _exp2(step_dt * A[d, n] * _LOG2E)
                     ddt_t = np.float32(0.0)
                     for n in range(n_state):
+                        decay = decays[i, j, n]
                         dC_part[blk, b, t, n] += g * hs[i + 1, j, n]
                         dhn = dh[j, n] + g * C[b, t, n]
                         h_prev = hs[i, j, n]
-                        ddt_t += dhn * (A[d, n] * decay[n] * h_prev + B[b, t, n] * ut)
-                        dA_part[b, d, n] += dhn * step_dt * decay[n] * h_prev
+                        ddt_t += dhn * (A[d, n] * decay * h_prev + B[b, t, n] * ut)
+                        dA_part[b, d, n] += dhn * step_dt * decay * h_prev
                         dB_part[blk, b, t, n] += dhn * step_dt * ut
                         du_t += dhn * step_dt * B[b, t, n]
-                        dh[j, n] = decay[n] * dhn
+                        dh[j, n] = decay * dhn
                     du[b, t, d] = du_t
                     ddt[b, t, d] = ddt_t

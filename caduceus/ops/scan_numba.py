@@ -26,7 +26,10 @@ def _prefer_512_bit_vectors() -> None:
     """LLVM tunes recent Intel server CPUs to prefer 256-bit vectors; these loops run 1.3-1.5x faster on 512-bit
     ones (BENCHMARKS.md). numba takes target features for the whole process, so this sets them only where the user
     has not (NUMBA_CPU_FEATURES) and the CPU has AVX-512, and only takes effect if numba has compiled nothing yet."""
-    features = binding.get_host_cpu_features()
+    try:
+        features = binding.get_host_cpu_features()
+    except RuntimeError:  # LLVM cannot read them on some hosts: keep numba's defaults
+        return
     if config.CPU_FEATURES is None and features.get("avx512f"):
         config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
 

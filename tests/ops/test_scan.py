@@ -148,3 +148,23 @@ def test_training_saves_no_per_step_states(scan_engine):
     per_step_states = batch * length * dim * n_state
     assert saved and max(saved) <= per_step_states / 8
     assert sum(saved) < per_step_states / 2
+
+
+def test_512_bit_vectors_only_where_numba_features_are_unset(monkeypatch):
+    scan_numba = pytest.importorskip("caduceus.ops.scan_numba")
+
+    class Features(dict):
+        def flatten(self):
+            return ",".join(("+" if on else "-") + name for name, on in self.items())
+
+    monkeypatch.setattr(scan_numba.binding, "get_host_cpu_features", lambda: Features(avx512f=True, avx2=True))
+    monkeypatch.setattr(scan_numba.config, "CPU_FEATURES", None)
+    scan_numba._prefer_512_bit_vectors()
+    assert scan_numba.config.CPU_FEATURES == "+avx512f,+avx2,-prefer-256-bit"
+    monkeypatch.setattr(scan_numba.config, "CPU_FEATURES", "+avx2")  # the user's NUMBA_CPU_FEATURES wins
+    scan_numba._prefer_512_bit_vectors()
+    assert scan_numba.config.CPU_FEATURES == "+avx2"
+    monkeypatch.setattr(scan_numba.config, "CPU_FEATURES", None)
+    monkeypatch.setattr(scan_numba.binding, "get_host_cpu_features", lambda: Features(avx512f=False, avx2=True))
+    scan_numba._prefer_512_bit_vectors()
+    assert scan_numba.config.CPU_FEATURES is None

@@ -113,8 +113,8 @@ def _numba_backward(u, dt, A, B, C, D, reverse, states, dy):
     n_blocks = -(-dim // scan_numba.BLOCK_D)
     du, ddt = torch.empty(batch, length, dim), torch.empty(batch, length, dim)
     dA_part = torch.zeros(batch, dim, A.shape[1])
-    dB_part = torch.zeros(n_blocks, batch, length, A.shape[1])
-    dC_part = torch.zeros(n_blocks, batch, length, A.shape[1])
+    dB_part = torch.empty(n_blocks, batch, length, A.shape[1])
+    dC_part = torch.empty(n_blocks, batch, length, A.shape[1])
     dD_part = torch.zeros(batch, dim)
     args = (*_numba_arrays(u, dt, A, B, C, D), reverse, states.numpy(), *_numba_arrays(dy),
             du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy())

@@ -157,8 +157,8 @@ def scan_forward(u, delta, bias, A, B, C, D, z, softplus, gate, reverse, y, stat
 
 @njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
 def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_part, dC_part, dD_part, first, last):
-    """Gradients; dA/dD per batch row and dB/dC per channel block, summed by the caller in a fixed
-    order so that the result is deterministic."""
+    """Gradients; dA/dD per batch row (accumulated: zero them first) and dB/dC per channel block (written),
+    summed by the caller in a fixed order so that the result is deterministic."""
     batch, length, dim = u.shape
     n_state = A.shape[1]
     n_blocks = (dim + BLOCK_D - 1) // BLOCK_D
@@ -171,6 +171,8 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
         hs = np.empty((CHUNK + 1, BLOCK_D, n_state), np.float32)
         decays = np.empty((CHUNK, BLOCK_D, n_state), np.float32)  # kept from the recompute: no second exp
         dh = np.zeros((BLOCK_D, n_state), np.float32)
+        dB_row = np.empty(n_state, np.float32)
+        dC_row = np.empty(n_state, np.float32)
         for chunk in range(n_chunks - 1, -1, -1):
             s0 = chunk * CHUNK
             s1 = min(s0 + CHUNK, length)
@@ -189,6 +191,8 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
             for step in range(s1 - 1, s0 - 1, -1):
                 t = _position(step, length, reverse)
                 i = step - s0
+                dB_row[:] = 0.0
+                dC_row[:] = 0.0
                 for d in range(d0, d1):
                     j = d - d0
                     step_dt = dt[b, t, d]
@@ -199,13 +203,16 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
                     ddt_t = np.float32(0.0)
                     for n in range(n_state):
                         decay = decays[i, j, n]
-                        dC_part[blk, b, t, n] += g * hs[i + 1, j, n]
+                        dC_row[n] += g * hs[i + 1, j, n]
                         dhn = dh[j, n] + g * C[b, t, n]
                         h_prev = hs[i, j, n]
                         ddt_t += dhn * (A[d, n] * decay * h_prev + B[b, t, n] * ut)
                         dA_part[b, d, n] += dhn * step_dt * decay * h_prev
-                        dB_part[blk, b, t, n] += dhn * step_dt * ut
+                        dB_row[n] += dhn * step_dt * ut
                         du_t += dhn * step_dt * B[b, t, n]
                         dh[j, n] = decay * dhn
                     du[b, t, d] = du_t
                     ddt[b, t, d] = ddt_t
+                for n in range(n_state):  # this block's share of dB and dC at step t, written once
+                    dB_part[blk, b, t, n] = dB_row[n]
+                    dC_part[blk, b, t, n] = dC_row[n]

@@ -122,6 +122,10 @@ def _numba_backward(u, dt, A, B, C, D, reverse, states, dy):
     return du, ddt, dA_part.sum(0), dB_part.sum(0), dC_part.sum(0), dD_part.sum(0)
 
 
+def _use_numba(u: torch.Tensor) -> bool:
+    return scan_numba is not None and u.device.type == "cpu" and u.dtype == torch.float32
+
+
 class StateScan(torch.autograd.Function):
     """``y_t = C_t·h_t + D·u_t`` with ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, in float32 (float64 in,
     float64 out, through the PyTorch loop: used by the exactness tests)."""
@@ -141,10 +145,6 @@ class StateScan(torch.autograd.Function):
         return (*backward(u, dt, A, B, C, D, ctx.reverse, states, dy.to(u.dtype)), None)
 
 
-def _use_numba(u: torch.Tensor) -> bool:
-    return scan_numba is not None and u.device.type == "cpu" and u.dtype == torch.float32
-
-
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, reverse=False):
     dtype = u.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
@@ -152,8 +152,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     D = torch.zeros(u.shape[-1], device=u.device, dtype=compute) if D is None else D.to(compute)
     bias = None if delta_bias is None else delta_bias.to(compute)
     z = None if z is None else z.to(compute)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z,
-                                                                                           bias))
+    operands = (u, delta, A, B, C, D, z, bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
     if _use_numba(u) and not needs_grad:  # inference: one kernel does it all and keeps no states
         return _numba_forward(u, delta, A, B, C, D, reverse, bias, z, delta_softplus, save_states=False)[0].to(dtype)
     dt = delta if bias is None else delta + bias

@@ -5,6 +5,7 @@ and result tables written atomically.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 
 from caduceus import hub
-from caduceus.data import DataError, FastaGenome, atomic_write
+from caduceus.api import DEFAULT_MODEL_NAME
+from caduceus.data import DataError, FastaGenome
+from caduceus.files import atomic_write
 from caduceus.modeling import CaduceusForMaskedLM, conjoined_logits
 from caduceus.tokenizer import A_ID, BASE_IDS, C_ID, G_ID, MASK_ID, T_ID, CaduceusTokenizer
 
@@ -25,6 +28,12 @@ TABLE_SUFFIXES = (".tsv", ".parquet")
 
 _ID_TO_BASE = np.full(256, ord("N"), dtype=np.uint8)
 _ID_TO_BASE[[A_ID, C_ID, G_ID, T_ID]] = [ord(b) for b in "ACGT"]
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The commands' ``--model`` option, defaulting to the bundled model so that they work offline."""
+    parser.add_argument("--model", default=DEFAULT_MODEL_NAME,
+                        help="model name or directory (default: %(default)s, bundled with the package)")
 
 
 def model_input_size(model: str | os.PathLike) -> int:

@@ -48,7 +48,8 @@ from torch import nn
 
 from caduceus import hub, metrics
 from caduceus.configuration import CaduceusModelConfig
-from caduceus.data import DataError, atomic_write
+from caduceus.data import DataError
+from caduceus.files import atomic_write
 from caduceus.modeling import CaduceusForMaskedLM
 
 DATASETS = ("human_enhancers_cohn", "human_enhancers_ensembl", "human_ocr_ensembl", "human_ensembl_regulatory")

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from caduceus._genomics import batched, check_output_path, model_input_size
-from caduceus.api import DEFAULT_MODEL_NAME, RC_MODES, Caduceus, CaduceusConfig, progress_bar
-from caduceus.data import DataError, atomic_write
+from caduceus._genomics import add_model_argument, batched, check_output_path, model_input_size
+from caduceus.api import RC_MODES, Caduceus, CaduceusConfig, progress_bar
+from caduceus.data import DataError
 from caduceus.dna_dataset import read_sequences
+from caduceus.files import atomic_write
 from caduceus.tokenizer import encode_sequence
 
 POOLINGS = ("mean", "max")
@@ -127,8 +128,7 @@ def add_command(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1].strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--fasta", required=True, type=Path, help="input FASTA (plain, or bgzip with biopython)")
-    parser.add_argument("--model", default=DEFAULT_MODEL_NAME,
-                        help="model name or directory (default: %(default)s, bundled with the package)")
+    add_model_argument(parser)
     parser.add_argument("--out", required=True, type=Path, help="output: .npy (+ .names.txt) or .safetensors")
     parser.add_argument("--per-token", action="store_true", help="one embedding per base instead of pooled")
     parser.add_argument("--pooling", choices=POOLINGS, default="mean", help="pooling over bases (default mean)")

@@ -24,14 +24,16 @@ import numpy as np
 
 from caduceus._genomics import (
     Reference,
+    add_model_argument,
     batched,
     check_output_path,
     masked_base_log_probs,
     model_input_size,
     parse_region,
 )
-from caduceus.api import DEFAULT_MODEL_NAME, progress_bar, resolve_device
-from caduceus.data import DataError, atomic_write
+from caduceus.api import progress_bar, resolve_device
+from caduceus.data import DataError
+from caduceus.files import atomic_write
 from caduceus.modeling import CaduceusForMaskedLM
 
 DEFAULT_STRIDE = 8
@@ -166,8 +168,7 @@ def add_command(subparsers) -> None:
     )
     parser.add_argument("--fasta", required=True, type=Path, help="reference FASTA")
     parser.add_argument("--region", required=True, help="chr:start-end (1-based, inclusive) or a whole chr")
-    parser.add_argument("--model", default=DEFAULT_MODEL_NAME,
-                        help="model name or directory (default: %(default)s, bundled with the package)")
+    add_model_argument(parser)
     parser.add_argument("--out", required=True, type=Path,
                         help="reference-base probability track, .bedgraph or (with pyBigWig) .bw; the entropy "
                              "track is written beside it as NAME.entropy.SUFFIX")

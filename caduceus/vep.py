@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from caduceus._genomics import (
     TABLE_SUFFIXES,
     Reference,
+    add_model_argument,
     batched,
     centred_window,
     check_output_path,
@@ -50,7 +51,7 @@ from caduceus._genomics import (
     model_input_size,
     write_table,
 )
-from caduceus.api import DEFAULT_MODEL_NAME, Caduceus, CaduceusConfig, progress_bar, resolve_device
+from caduceus.api import Caduceus, CaduceusConfig, progress_bar, resolve_device
 from caduceus.data import DataError
 from caduceus.modeling import CaduceusForMaskedLM
 
@@ -419,8 +420,7 @@ def add_command(subparsers) -> None:
     parser.add_argument("--fasta", required=True, type=Path,
                         help="reference FASTA (plain, or bgzip; .fai made if missing)")
     parser.add_argument("--vcf", required=True, type=Path, help="variants (VCF, .vcf.gz or .bcf)")
-    parser.add_argument("--model", default=DEFAULT_MODEL_NAME,
-                        help="model name or directory (default: %(default)s, bundled with the package)")
+    add_model_argument(parser)
     parser.add_argument("--out", required=True, type=Path, help="scores table: .tsv or .parquet")
     parser.add_argument("--window", type=int, help="window length in bases (default: the model's input size)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")

@@ -12,11 +12,7 @@ from caduceus import ops
 from caduceus.configuration import CaduceusModelConfig
 from caduceus.modeling import CaduceusForMaskedLM, conjoined_logits
 from caduceus.tokenizer import COMPLEMENT_IDS, PAD_ID, CaduceusTokenizer, reverse_complement_ids
-from tests.conftest import FIXTURES, REFERENCE_MODELS, relative_error
-
-
-def load_reference(name):
-    return CaduceusForMaskedLM.from_pretrained(FIXTURES / name), load_file(FIXTURES / name / "io.safetensors")
+from tests.conftest import FIXTURES, REFERENCE_MODELS, load_reference, relative_error
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 from caduceus import ops  # noqa: E402
 from caduceus.ops import reference  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, causal_conv1d_silu, rms_norm, selective_scan  # noqa: E402
+from tests.conftest import REFERENCE_MODELS, load_reference  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
@@ -108,16 +109,11 @@ def test_rms_norm(dtype, residual) -> None:
             assert _rel(leaf.grad, r.grad) < TOL[dtype]
 
 
-@pytest.mark.parametrize("name", ["ph_d32_n2", "ph_d48_n3_ewmul", "ps_d32_n2"])
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_published_fixtures_on_cuda(name: str) -> None:
     """The whole model on the Triton backend computes what the upstream code computed (fp32)."""
-    from safetensors.torch import load_file
-
-    from caduceus import CaduceusForMaskedLM
-    from tests.conftest import FIXTURES
-
-    model = CaduceusForMaskedLM.from_pretrained(FIXTURES / name).cuda().eval()
-    expected = load_file(FIXTURES / name / "io.safetensors")
+    model, expected = load_reference(name)
+    model = model.cuda().eval()
     _poison()
     with torch.no_grad():
         out = model(expected["input_ids"].cuda(), output_hidden_states=True)

@@ -10,6 +10,7 @@ autograd; in inference on CPU the numba kernel applies them itself.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -25,7 +26,6 @@ except ImportError:  # numba is an optional extra
 TORCH_CHUNK = 64
 # Below this many (batch · length · channels) elements a scan runs on the calling thread alone.
 PARALLEL_MIN_ELEMENTS = 1 << 18
-_pool: ThreadPoolExecutor | None = None
 
 
 def _chunks(length: int, size: int, reverse: bool) -> list[slice]:
@@ -82,12 +82,16 @@ def _run_jobs(kernel, args: tuple, batch: int, dim: int) -> None:
     if workers <= 1 or batch * dim * args[0].shape[1] < PARALLEL_MIN_ELEMENTS:
         kernel(*args, 0, jobs)
         return
-    global _pool
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caduceus-scan")
+    pool = _thread_pool(workers)
     bounds = [jobs * i // workers for i in range(workers + 1)]
-    for future in [_pool.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+    for future in [pool.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
         future.result()
+
+
+@functools.cache
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """One long-lived pool per thread count (starting threads per scan would cost more than small scans)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caduceus-scan")
 
 
 def _numba_arrays(*tensors: torch.Tensor) -> list:

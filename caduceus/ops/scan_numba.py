@@ -1,16 +1,17 @@
-"""Selective scan on CPU with numba: sequential in time, independent jobs over (batch, 16-channel blocks).
+"""Selective scan on CPU with numba: sequential in time, independent jobs over (batch, channel block).
 
-The exp of the N decays dominates; libm's scalar ``expf`` caps a core near 0.2e9 updates/s, so ``_exp2``
-is a polynomial with an exponent-bit scale that LLVM vectorises (relative error ~1e-7, the float32 rounding
-of the result). The forward puts a block's 16 channels on the vector lanes, so that C·h needs no horizontal
-sum, walks time in tiles of ``TILE`` steps across all its jobs (a tile's rows stay in cache), and computes
-the softplus step and the SiLU gate itself; it saves the state at chunk boundaries only. The backward
-recomputes each chunk's states and decays from its saved state and walks it in reverse.
+The exp of the N decays dominates; libm's scalar ``expf`` caps a core near 0.2e9 updates/s, so ``_exp2`` is a
+polynomial with an exponent-bit scale that LLVM vectorises (relative error ~1e-7, the float32 rounding of the
+result). The forward puts a block's channels on the vector lanes, so that C·h needs no horizontal sum, walks time
+in tiles of ``TILE`` steps across all its jobs (a tile's rows stay in cache), and computes the softplus step and
+the SiLU gate itself; it saves the state at chunk boundaries only. The backward recomputes each chunk's states and
+decays from its saved state and walks it in reverse.
 
 The kernels run the jobs ``first..last`` without the GIL; the caller spreads job ranges over Python
 threads. (numba's own ``parallel=True`` pool spin-waits between calls and starves PyTorch's threads:
 training a small model ran 30× slower beside it on 2 cores.) ``error_model="numpy"``: Python's
-zero-division check on ``/`` would stop LLVM from vectorising.
+zero-division check on ``/`` would stop LLVM from vectorising. Fast-math without ``nsz``: with it LLVM folds
+the range reduction of ``_exp2``, (x + _ROUNDER) - _ROUNDER, back to x.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ def _prefer_512_bit_vectors() -> None:
 
 _prefer_512_bit_vectors()
 
-BLOCK_D = 16
+BLOCK_D = 64  # channels per job: four 16-lane vectors per state row amortise the per-step scalar work
 CHUNK = 256
 TILE = 16  # steps per time tile: the rows of a tile, for all of a thread's jobs, stay in cache
 _LOG2E = np.float32(1.4426950408889634)
+_FASTMATH = {"nnan", "ninf", "arcp", "contract", "afn", "reassoc"}
+# x + _ROUNDER rounds x to an integer k in the low mantissa bits, with the exponent bias 127 already added.
+_ROUNDER = np.float32(1.5 * 2**23 + 127)
 # Polynomial coefficients, highest degree first (Chebyshev fits in float64, rounded to float32):
 # 2^f on [-0.5, 0.5], degree 6: relative error 2.6e-9 exactly, 1.1e-7 evaluated in float32;
 _EXP2_COEFFS = tuple(np.float32(c) for c in (
@@ -61,7 +65,17 @@ def _as_float32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@njit(inline="always", fastmath=True, error_model="numpy")
+@intrinsic
+def _as_int32(typingctx, value):
+    """Reinterpret a float32 as int32 bits."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int32))
+
+    return types.int32(types.float32), codegen
+
+
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _polynomial(coeffs, x: float) -> float:
     """Horner's rule, highest degree first (the tuple is unrolled at compile time)."""
     p = coeffs[0]
@@ -70,28 +84,30 @@ def _polynomial(coeffs, x: float) -> float:
     return p
 
 
-@njit(inline="always", fastmath=True, error_model="numpy")
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _exp2(x: float) -> float:
-    """2^x for x clamped to [-126, 126]: polynomial of the fraction times the exponent bits."""
+    """2^x for x clamped to [-126, 126]: polynomial of the fraction times the exponent bits (rounding by adding
+    _ROUNDER costs three vector operations; a round and a float-to-int conversion cost four)."""
     x = min(max(x, np.float32(-126.0)), np.float32(126.0))
-    k = np.rint(x)
-    return _polynomial(_EXP2_COEFFS, x - k) * _as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    rounded = x + _ROUNDER
+    fraction = x - (rounded - _ROUNDER)
+    return _polynomial(_EXP2_COEFFS, fraction) * _as_float32(_as_int32(rounded) << np.int32(23))
 
 
-@njit(inline="always", fastmath=True, error_model="numpy")
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _log1p_unit(v: float) -> float:
     """ln(1 + v) for v in [0, 1]."""
     return v * _polynomial(_LOG1P_COEFFS, v)
 
 
-@njit(inline="always", fastmath=True, error_model="numpy")
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _softplus(x: float) -> float:
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|); x itself above 20, as PyTorch and the CUDA kernel."""
     value = np.maximum(x, np.float32(0.0)) + _log1p_unit(_exp2(-np.abs(x) * _LOG2E))
     return x if x > np.float32(20.0) else value
 
 
-@njit(inline="always", fastmath=True, error_model="numpy")
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _silu(x: float) -> float:
     return x / (np.float32(1.0) + _exp2(-x * _LOG2E))
 
@@ -101,7 +117,7 @@ def _position(step: int, length: int, reverse: bool) -> int:
     return length - 1 - step if reverse else step
 
 
-@njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def scan_forward(u, delta, bias, A, B, C, D, z, softplus, gate, reverse, y, states, save_states, first, last):
     """y (b, l, d) = (C·h + D·u) · silu(z) with dt = softplus(delta + bias) (each step optional: training
     applies them outside, under autograd); states (b, n_chunks, d, n) = the state before each chunk."""
@@ -155,7 +171,7 @@ def scan_forward(u, delta, bias, A, B, C, D, z, softplus, gate, reverse, y, stat
                     y[b, t, d0 + j] = acc[j] * gates[j]
 
 
-@njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_part, dC_part, dD_part, first, last):
     """Gradients; dA/dD per batch row (accumulated: zero them first) and dB/dC per channel block (written),
     summed by the caller in a fixed order so that the result is deterministic."""

@@ -101,7 +101,11 @@ class Mamba(nn.Module):
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, reverse: bool = False
     ) -> torch.Tensor:
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        return self.out_proj(self.mix(self.in_proj(hidden), mask, reverse))
+
+    def mix(self, xz: torch.Tensor, mask: torch.Tensor | None = None, reverse: bool = False) -> torch.Tensor:
+        """Everything between the two projections: conv, SiLU, x_proj, dt_proj and the gated scan."""
+        x, z = xz.chunk(2, dim=-1)
         if mask is not None:  # padding contributes nothing: zero conv input and scan input there
             x = x * mask
         x = F.silu(ops.causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, reverse))
@@ -110,15 +114,15 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, in fp32
         A = -torch.exp(self.A_log.float())
-        y = ops.selective_scan(
+        return ops.selective_scan(
             x, dt, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), delta_softplus=True, reverse=reverse
         )
-        return self.out_proj(y)
 
 
 class BiMamba(nn.Module):
     """``BiMambaWrapper``: a forward Mamba plus an anti-causal one, combined by ``add`` or ``ew_multiply``.
-    With weight tying the reverse mixer shares the forward one's in/out projections."""
+    With weight tying the reverse mixer shares the forward one's in/out projections; then the input
+    projection is computed once for both, and with ``add`` the output projection too (it is linear)."""
 
     def __init__(
         self,
@@ -132,17 +136,26 @@ class BiMamba(nn.Module):
         self.strategy = bidirectional_strategy
         self.mamba_fwd = Mamba(d_model, **ssm_cfg)
         self.mamba_rev = Mamba(d_model, **ssm_cfg) if bidirectional else None
-        if self.mamba_rev is not None and bidirectional_weight_tie:
+        self.tied = self.mamba_rev is not None and bidirectional_weight_tie
+        if self.tied:
             for name in ("in_proj", "out_proj"):
                 rev, fwd = getattr(self.mamba_rev, name), getattr(self.mamba_fwd, name)
                 rev.weight = fwd.weight
                 rev.bias = fwd.bias
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.mamba_fwd(hidden, mask)
-        if self.mamba_rev is None:
-            return out
-        out_rev = self.mamba_rev(hidden, mask, reverse=True)
+        fwd, rev = self.mamba_fwd, self.mamba_rev
+        if rev is None:
+            return fwd(hidden, mask)
+        if not self.tied:
+            out, out_rev = fwd(hidden, mask), rev(hidden, mask, reverse=True)
+        else:
+            xz = fwd.in_proj(hidden)
+            y, y_rev = fwd.mix(xz, mask), rev.mix(xz, mask, reverse=True)
+            if self.strategy == "add":  # one projection of the sum; the bias, if any, counts once per direction
+                out = fwd.out_proj(y + y_rev)
+                return out if fwd.out_proj.bias is None else out + fwd.out_proj.bias
+            out, out_rev = fwd.out_proj(y), fwd.out_proj(y_rev)
         return out + out_rev if self.strategy == "add" else out * out_rev
 
 

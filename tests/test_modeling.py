@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from caduceus import ops
 from caduceus.configuration import CaduceusModelConfig
-from caduceus.modeling import CaduceusForMaskedLM, conjoined_logits
+from caduceus.modeling import BiMamba, CaduceusForMaskedLM, conjoined_logits
 from caduceus.tokenizer import COMPLEMENT_IDS, PAD_ID, CaduceusTokenizer, reverse_complement_ids
 from tests.conftest import FIXTURES, REFERENCE_MODELS, load_reference, relative_error
 
@@ -222,6 +222,21 @@ def test_gradients_match_reference_backend():
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, g in grads["torch"].items():
         assert relative_error(g, grads["reference"][name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("strategy", ["add", "ew_multiply"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_tied_bimamba_computes_what_its_two_mixers_compute(strategy, bias):
+    """The shared input projection (and, for ``add``, the one output projection of the sum) changes nothing."""
+    torch.manual_seed(0)
+    mixer = BiMamba(16, bidirectional_strategy=strategy, bias=bias).double()
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64)
+    mask = torch.ones(2, 9, 1, dtype=torch.float64)
+    mask[1, :3] = 0
+    with ops.use_backend("reference"):
+        out, out_rev = mixer.mamba_fwd(hidden, mask), mixer.mamba_rev(hidden, mask, reverse=True)
+        actual = mixer(hidden, mask)
+    assert relative_error(actual, out + out_rev if strategy == "add" else out * out_rev) <= 1e-12
 
 
 def test_complement_map_is_the_tokenizer_one():

@@ -101,14 +101,22 @@ class Mamba(nn.Module):
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, reverse: bool = False
     ) -> torch.Tensor:
-        return self.out_proj(self.mix(self.in_proj(hidden), mask, reverse))
+        return self.out_proj(self.mix(*self.project_in(hidden), mask, reverse))
 
-    def mix(self, xz: torch.Tensor, mask: torch.Tensor | None = None, reverse: bool = False) -> torch.Tensor:
+    def project_in(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """in_proj as two matmuls, so that x and z come out contiguous (the CPU kernels then read them in place)."""
+        weights = self.in_proj.weight.chunk(2)
+        biases = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
+        x, z = (F.linear(hidden, w, b) for w, b in zip(weights, biases))
+        return x, z
+
+    def mix(
+        self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None, reverse: bool = False
+    ) -> torch.Tensor:
         """Everything between the two projections: conv, SiLU, x_proj, dt_proj and the gated scan."""
-        x, z = xz.chunk(2, dim=-1)
         if mask is not None:  # padding contributes nothing: zero conv input and scan input there
             x = x * mask
-        x = F.silu(ops.causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, reverse))
+        x = ops.causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, reverse, silu=True)
         if mask is not None:
             x = x * mask
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -150,8 +158,8 @@ class BiMamba(nn.Module):
         if not self.tied:
             out, out_rev = fwd(hidden, mask), rev(hidden, mask, reverse=True)
         else:
-            xz = fwd.in_proj(hidden)
-            y, y_rev = fwd.mix(xz, mask), rev.mix(xz, mask, reverse=True)
+            x, z = fwd.project_in(hidden)
+            y, y_rev = fwd.mix(x, z, mask), rev.mix(x, z, mask, reverse=True)
             if self.strategy == "add":  # one projection of the sum; the bias, if any, counts once per direction
                 out = fwd.out_proj(y + y_rev)
                 return out if fwd.out_proj.bias is None else out + fwd.out_proj.bias

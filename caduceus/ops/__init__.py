@@ -41,6 +41,11 @@ def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (inference-only fused paths check this)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 register_backend(
     Backend(
         name="reference",
@@ -118,10 +123,11 @@ def selective_scan(
 
 
 def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False, silu: bool = False
 ) -> torch.Tensor:
-    """Depthwise causal (or, with ``reverse``, anti-causal) conv over length, (b, l, d) layout, no activation."""
-    return get_backend(x.device).causal_conv1d(x, weight, bias, reverse)
+    """Depthwise causal (or, with ``reverse``, anti-causal) conv over length, (b, l, d) layout, then SiLU if
+    ``silu`` (fused where the backend can)."""
+    return get_backend(x.device).causal_conv1d(x, weight, bias, reverse, silu)
 
 
 def rms_norm(

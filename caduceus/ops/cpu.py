@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from caduceus.ops import Backend, reference, register_backend
+from caduceus.ops import Backend, needs_grad, reference, register_backend
 
 try:
     from caduceus.ops import scan_numba
@@ -75,11 +75,10 @@ def _torch_backward(u, dt, A, B, C, D, reverse, states, dy):
     return du + dy * D, ddt, dA, dB, dC, (dy * u).sum((0, 1))
 
 
-def _run_jobs(kernel, args: tuple, batch: int, dim: int) -> None:
-    """Run a numba kernel over its (batch × channel-block) jobs, split across PyTorch's thread count."""
-    jobs = batch * -(-dim // scan_numba.BLOCK_D)
+def _run_jobs(kernel, args: tuple, jobs: int) -> None:
+    """Run a numba kernel over its jobs ``0..jobs``, split across PyTorch's thread count."""
     workers = min(torch.get_num_threads(), jobs)
-    if workers <= 1 or batch * dim * args[0].shape[1] < PARALLEL_MIN_ELEMENTS:
+    if workers <= 1 or args[0].size < PARALLEL_MIN_ELEMENTS:
         kernel(*args, 0, jobs)
         return
     pool = _thread_pool(workers)
@@ -108,7 +107,7 @@ def _numba_forward(u, delta, A, B, C, D, reverse, bias=None, z=None, softplus=Fa
     bias = torch.zeros(dim) if bias is None else bias
     args = (*_numba_arrays(u, delta, bias, A, B, C, D, u if z is None else z), softplus, z is not None, reverse,
             y.numpy(), states.numpy(), save_states)
-    _run_jobs(scan_numba.scan_forward, args, batch, dim)
+    _run_jobs(scan_numba.scan_forward, args, batch * -(-dim // scan_numba.BLOCK_D))
     return y, states
 
 
@@ -122,7 +121,7 @@ def _numba_backward(u, dt, A, B, C, D, reverse, states, dy):
     dD_part = torch.zeros(batch, dim)
     args = (*_numba_arrays(u, dt, A, B, C, D), reverse, states.numpy(), *_numba_arrays(dy),
             du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy())
-    _run_jobs(scan_numba.scan_backward, args, batch, dim)
+    _run_jobs(scan_numba.scan_backward, args, batch * n_blocks)
     return du, ddt, dA_part.sum(0), dB_part.sum(0), dC_part.sum(0), dD_part.sum(0)
 
 
@@ -156,9 +155,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     D = torch.zeros(u.shape[-1], device=u.device, dtype=compute) if D is None else D.to(compute)
     bias = None if delta_bias is None else delta_bias.to(compute)
     z = None if z is None else z.to(compute)
-    operands = (u, delta, A, B, C, D, z, bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
-    if _use_numba(u) and not needs_grad:  # inference: one kernel does it all and keeps no states
+    # Inference: one kernel does it all and keeps no states.
+    if _use_numba(u) and not needs_grad(u, delta, A, B, C, D, z, bias):
         return _numba_forward(u, delta, A, B, C, D, reverse, bias, z, delta_softplus, save_states=False)[0].to(dtype)
     dt = delta if bias is None else delta + bias
     if delta_softplus:
@@ -167,19 +165,27 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (y if z is None else y * F.silu(z)).to(dtype)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False):
-    """Depthwise conv as K shifted multiply-adds in the (b, l, d) layout, with no transposes.
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False,
+                  silu: bool = False) -> torch.Tensor:
+    """Depthwise conv as K shifted multiply-adds in the (b, l, d) layout, with no transposes (one numba pass with
+    the SiLU in inference on CPU).
 
     Causal: ``out[t] = Σ_j w[j] x[t-(K-1)+j]``; anti-causal: ``out[t] = Σ_j w[j] x[t+(K-1)-j]``.
     """
     weight = weight.reshape(weight.shape[0], -1)
+    if _use_numba(x) and not needs_grad(x, weight, bias):
+        out = torch.empty(x.shape)
+        bias = torch.zeros(x.shape[-1]) if bias is None else bias.float()
+        args = (*_numba_arrays(x, weight.t().float(), bias), reverse, silu, out.numpy())
+        _run_jobs(scan_numba.conv_forward, args, x.shape[0] * -(-x.shape[1] // scan_numba.CONV_STEPS))
+        return out
     k, length = weight.shape[1], x.shape[1]
     padded = F.pad(x, (0, 0, 0, k - 1) if reverse else (0, 0, k - 1, 0))
     out = torch.zeros_like(x) if bias is None else bias.to(x.dtype).expand_as(x)
     for j in range(k):
         start = k - 1 - j if reverse else j
         out = torch.addcmul(out, padded[:, start : start + length], weight[:, j])
-    return out
+    return F.silu(out) if silu else out
 
 
 register_backend(

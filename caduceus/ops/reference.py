@@ -53,10 +53,10 @@ def selective_scan_reference(
 
 
 def causal_conv1d_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False, silu: bool = False
 ) -> torch.Tensor:
     """Depthwise conv over length in the (b, l, d) layout; causal (left zero-padding), or anti-causal
-    when ``reverse``. weight is (d, k) or the Conv1d shape (d, 1, k); no activation."""
+    when ``reverse``; then SiLU if ``silu``. weight is (d, k) or the Conv1d shape (d, 1, k)."""
     weight = weight.reshape(weight.shape[0], -1)
     k = weight.shape[1]
     xt = x.transpose(1, 2)
@@ -65,7 +65,8 @@ def causal_conv1d_reference(
     out = F.conv1d(F.pad(xt, (k - 1, 0)), weight[:, None, :], bias, groups=weight.shape[0])
     if reverse:
         out = out.flip(-1)
-    return out.transpose(1, 2)
+    out = out.transpose(1, 2)
+    return F.silu(out) if silu else out
 
 
 def rms_norm_reference(

@@ -1,4 +1,5 @@
-"""Selective scan on CPU with numba: sequential in time, independent jobs over (batch, channel block).
+"""Selective scan on CPU with numba: sequential in time, independent jobs over (batch, channel block); and the
+depthwise conv + SiLU that feeds it, for inference.
 
 The exp of the N decays dominates; libm's scalar ``expf`` caps a core near 0.2e9 updates/s, so ``_exp2`` is a
 polynomial with an exponent-bit scale that LLVM vectorises (relative error ~1e-7, the float32 rounding of the
@@ -39,6 +40,7 @@ _prefer_512_bit_vectors()
 
 BLOCK_D = 64  # channels per job: four 16-lane vectors per state row amortise the per-step scalar work
 CHUNK = 256
+CONV_STEPS = 256  # time steps per conv job
 TILE = 16  # steps per time tile: the rows of a tile, for all of a thread's jobs, stay in cache
 _LOG2E = np.float32(1.4426950408889634)
 _FASTMATH = {"nnan", "ninf", "arcp", "contract", "afn", "reassoc"}
@@ -232,3 +234,27 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
                 for n in range(n_state):  # this block's share of dB and dC at step t, written once
                     dB_part[blk, b, t, n] = dB_row[n]
                     dC_part[blk, b, t, n] = dC_row[n]
+
+
+@njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def conv_forward(x, weight, bias, reverse, silu, out, first, last):
+    """out (b, l, d) = depthwise conv of x with weight (k, d) plus bias, causal (anti-causal if ``reverse``), then
+    SiLU if ``silu``; jobs are (batch row, block of CONV_STEPS steps)."""
+    batch, length, dim = x.shape
+    k = weight.shape[0]
+    n_blocks = (length + CONV_STEPS - 1) // CONV_STEPS
+    for job in range(first, last):
+        b = job // n_blocks
+        s0 = (job % n_blocks) * CONV_STEPS
+        for t in range(s0, min(s0 + CONV_STEPS, length)):
+            row = out[b, t]
+            row[:] = bias
+            for j in range(k):
+                source = t + (k - 1) - j if reverse else t - (k - 1) + j
+                if 0 <= source < length:
+                    x_row, w_row = x[b, source], weight[j]
+                    for c in range(dim):
+                        row[c] += w_row[c] * x_row[c]
+            if silu:
+                for c in range(dim):
+                    row[c] = _silu(row[c])

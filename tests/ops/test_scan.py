@@ -117,6 +117,25 @@ def test_conv_matches_reference_with_gradients(reverse):
                           reference.causal_conv1d_reference(short, w, None, reverse)) <= 1e-12
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", ["strided", "shorter than the kernel", "split over threads"])
+def test_inference_conv_with_silu_matches_reference(reverse, with_bias, shape):
+    """Float32 without gradients takes the fused numba pass when numba is installed."""
+    g = torch.Generator().manual_seed(0)
+    if shape == "split over threads":
+        x = torch.randn(3, 2000, 64, generator=g, dtype=torch.float64)
+    else:  # the x half of a wider projection, as in the model
+        x = torch.randn(2, 700 if shape == "strided" else 2, 128, generator=g, dtype=torch.float64)[..., :64]
+    w, b = torch.randn(64, 1, 4, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    b = b if with_bias else None
+    expected = reference.causal_conv1d_reference(x, w, b, reverse, silu=True)
+    with torch.no_grad():
+        actual = ops.causal_conv1d(x.float(), w.float(), None if b is None else b.float(), reverse, silu=True)
+    assert actual.dtype == torch.float32
+    assert relative_error(actual, expected) <= 1e-6
+
+
 def test_rms_norm_fused_add():
     x, r, w = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(8)
     normed, summed = ops.rms_norm(x, w, r)

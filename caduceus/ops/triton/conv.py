@@ -8,8 +8,11 @@ rows and then over programs in a fixed order (deterministic).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from caduceus.ops import needs_grad
 
 BL, BDC = 64, 128  # rows x channels per program
 
@@ -110,9 +113,13 @@ class CausalConv1dFn(torch.autograd.Function):
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  reverse: bool = False) -> torch.Tensor:
-    """Same function as ``reference.causal_conv1d_reference``; differentiable in x, weight and bias."""
-    return CausalConv1dFn.apply(x, weight, bias, reverse)
+                  reverse: bool = False, silu: bool = False) -> torch.Tensor:
+    """Same function as ``reference.causal_conv1d_reference``; differentiable in x, weight and bias (the SiLU is
+    fused into the conv's pass when no gradient is needed)."""
+    if silu and not needs_grad(x, weight, bias):
+        return causal_conv1d_silu(x, weight, bias, reverse)
+    out = CausalConv1dFn.apply(x, weight, bias, reverse)
+    return F.silu(out) if silu else out
 
 
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

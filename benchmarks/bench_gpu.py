@@ -1,16 +1,21 @@
 """GPU benchmarks of the Triton backend: hardware floors, the selective scan alone, and the whole model.
 
-    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep] [--profile] [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep] [--profile] [--baseline old_scan.py]
+                                                [--json out.json]
 
 Times are medians of ``triton.testing.do_bench``. The floors are measured in the same run: exp2 throughput of a
 Triton kernel (4 independent chains per thread) and a device-to-device copy. The scan's exp floor is B*L*D*N exp2
 at that rate. Model numbers use fp32 parameters under bf16 autocast, as the upstream measurements did; a training
-step is forward, cross-entropy over every position, backward and an AdamW step.
+step is forward, cross-entropy over every position, backward and an AdamW step. ``--baseline`` times another copy
+of ``caduceus/ops/triton/scan.py`` (say, the previous commit's, saved outside the package) next to the current one
+in the same run: the scan alone, and the 16-layer model at 131,072 bp with that scan as a backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import time
 
@@ -19,6 +24,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
+from caduceus import ops
 from caduceus.ops import use_backend
 from caduceus.ops.triton import scan as triton_scan
 
@@ -68,15 +74,16 @@ def scan_args(b: int, length: int, d: int, n: int = 16, dtype: torch.dtype = tor
     ]
 
 
-def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n: int = 16) -> dict:
+def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n: int = 16,
+               scan=triton_scan.selective_scan) -> dict:
     args = scan_args(b, length, d, n)
     with torch.no_grad():
-        fwd = do_bench(lambda: triton_scan.selective_scan(*args), return_mode="median")
+        fwd = do_bench(lambda: scan(*args), return_mode="median")
     leaves = [a.detach().requires_grad_(True) for a in args]
     grad = torch.randn(b, length, d, device="cuda", dtype=args[0].dtype)
 
     def step() -> None:
-        triton_scan.selective_scan(*leaves).backward(grad)
+        scan(*leaves).backward(grad)
 
     fwd_bwd = do_bench(step, grad_to_none=leaves, return_mode="median")
     exp_floor = b * length * d * n / exp_rate * 1e3
@@ -184,7 +191,20 @@ def profile_training(n_layer: int, d_model: int, batch: int, length: int) -> Non
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
 
 
-def run_models() -> list[dict]:
+def load_baseline(path: str):
+    """A copy of scan.py loaded as its own module, registered as the backend ``triton-baseline`` (the current conv
+    and RMSNorm kernels, that scan)."""
+    spec = importlib.util.spec_from_file_location("baseline_scan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    current = ops.get_backend("cuda")
+    ops.register_backend(dataclasses.replace(current, name="triton-baseline", selective_scan=module.selective_scan))
+    return module
+
+
+def run_models(baseline: bool = False) -> list[dict]:
+    """The model plan below; with ``baseline`` only the 16-layer model at 131,072 bp, with the baseline scan and
+    the current one."""
     rows = []
     plan = [
         dict(n_layer=16, d_model=256, batch=1, length=131072, train=False),
@@ -197,6 +217,8 @@ def run_models() -> list[dict]:
         dict(n_layer=4, d_model=118, batch=8, length=1024, train=False, backend="torch", reps=1),
         dict(n_layer=4, d_model=118, batch=8, length=1024, train=False),
     ]
+    if baseline:
+        plan = [dict(kw, backend=backend) for kw in plan[:2] for backend in ("triton-baseline", "triton")]
     for kw in plan:
         try:
             row = bench_model(**kw)
@@ -215,8 +237,10 @@ def main() -> None:
     parser.add_argument("--model", action="store_true", help="whole-model throughput and memory")
     parser.add_argument("--sweep", action="store_true", help="launch configurations of the scan")
     parser.add_argument("--profile", action="store_true", help="CUDA time per kernel of a d118 training step")
+    parser.add_argument("--baseline", help="a copy of scan.py to time next to the current one (scan, model)")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": time.strftime("%Y-%m-%d")}
     report["exp2_per_s"] = exp_rate = exp2_rate()
@@ -229,15 +253,20 @@ def main() -> None:
         profile_training(n_layer=4, d_model=118, batch=256, length=1024)
     if args.scan:
         report["scan"] = []
+        scans = [("current", triton_scan.selective_scan)]
+        if baseline is not None:
+            scans.insert(0, ("baseline", baseline.selective_scan))
         for shape in [(16, 131072, 512), (1, 131072, 512), (16, 1024, 512), (64, 1024, 512), (8, 1024, 236)]:
-            row = bench_scan(*shape, exp_rate, bandwidth)
-            report["scan"].append(row)
-            torch.cuda.empty_cache()
-            print(f"  scan {shape}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_over_exp_floor']:.2f}x exp floor "
-                  f"{row['exp_floor_ms']:.3f}), fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
-                  f"({row['fwd_bwd_over_2x_exp_floor']:.2f}x 2*floor)", flush=True)
+            for name, scan in scans:
+                row = bench_scan(*shape, exp_rate, bandwidth, scan=scan)
+                row["scan"] = name
+                report["scan"].append(row)
+                torch.cuda.empty_cache()
+                print(f"  scan {shape} {name}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_over_exp_floor']:.2f}x exp floor "
+                      f"{row['exp_floor_ms']:.3f}), fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
+                      f"({row['fwd_bwd_over_2x_exp_floor']:.2f}x 2*floor)", flush=True)
     if args.model:
-        report["model"] = run_models()
+        report["model"] = run_models(baseline is not None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,14 +1,18 @@
 """Mamba-1 selective scan in Triton, (batch, length, channels) layout.
 
 One program owns a batch row and a block of ``BD`` channels; its state ``h[N, BD]`` stays in registers while it walks
-time sequentially (work-efficient: one exp2 per state element). Inputs are loaded a block of ``U`` steps ahead of use
-(double-buffered tuples), because Triton does not software-pipeline a sequential loop and a step would otherwise wait
-for its own loads. ``reverse`` only changes the index arithmetic. The forward saves the state every ``CHUNK`` steps;
-the backward walks the chunks in reverse, recomputes each ``SUB``-step piece into registers (states and decays, so the
+time sequentially (work-efficient: one exp2 per state element). Inputs are loaded in blocks of ``U`` steps, ``DEPTH``
+blocks ahead of use, because Triton does not software-pipeline a sequential loop and a step would otherwise wait for
+its own loads. ``reverse`` only changes the index arithmetic. The forward saves the state every ``CHUNK`` steps; the
+backward walks the chunks in reverse, recomputes each ``SUB``-step piece into registers (states and decays, so the
 reverse step needs no exp of its own) and runs the adjoint back over it. dB and dC are summed over the program's
-channels, written per channel block and summed in a fixed order. Both directions cut time into segments run in
-parallel when (batch, channel block) programs are too few: state (forward) or adjoint (backward) is passed between
-segments by a small chaining kernel.
+channels (a shuffle reduce-scatter), written per channel block and summed in a fixed order. Both directions cut time
+into segments run in parallel when (batch, channel block) programs are too few: state (forward) or adjoint
+(backward) is passed between segments by a small chaining kernel.
+
+Per-step instruction count is what the kernels are tuned on (read from the sm_90 SASS): the time strides are
+constexprs (row offsets within a block become immediates), only the last blocks carry step masks, every per-channel
+value is loaded and computed once (one layout, see ``_bc``), bf16 B/C widen in one instruction per value (``_wide``).
 """
 
 from __future__ import annotations
@@ -21,19 +25,19 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# The CPU interpreter (TRITON_INTERPRET=1) runs no PTX: the kernels' ``MUFU`` forms are off there.
+# The CPU interpreter (TRITON_INTERPRET=1) runs no PTX: the kernels' inline assembly is off there.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+PTX = tl.constexpr(not INTERPRET)
 
 CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 of a bf16 (b, l, d) tensor
 # Time is cut into segments when fewer than ``cut_below`` (batch, channel block) programs would run, into as many as
 # make about ``programs`` programs; the forward's cut costs a second pass over the exps, the backward's does not.
-# U: steps per prefetched block. mufu: softplus' log2 and the sigmoid's reciprocal as single MUFU instructions
-# instead of FMA-pipe sequences. From ``busy`` forward programs on (several warps per SM sub-partition) the forward is
-# issue-bound and fewer instructions win (U 4, mufu); with fewer it is latency-bound: the FMA-pipe forms and, without
-# saved states, the deeper prefetch of U 8 (which spills; with the state stores it measured slower) win ("_idle" keys).
-# See BENCHMARKS.md, GPU (H100).
-FWD_CONFIG = {"BD": 16, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4, "mufu": True,
-              "U_idle": 8, "U_idle_save": 4, "mufu_idle": False}
+# U: steps per prefetched block; depth: blocks loaded ahead. mufu: softplus' log2 and the sigmoid's reciprocal as
+# single MUFU instructions instead of FMA-pipe sequences. From ``busy`` forward programs on (several warps per SM
+# sub-partition) other warps hide the loads' latency and the fewest registers win (depth 1); with fewer programs (about
+# one warp per sub-partition) each warp must hide it itself: depth 3 ("_idle" keys). See BENCHMARKS.md, GPU (H100).
+FWD_CONFIG = {"BD": 16, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4, "depth": 1,
+              "U_idle": 4, "depth_idle": 3, "mufu": True}
 BWD_CONFIG = {"BD": 16, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True}
 
 
@@ -70,55 +74,105 @@ def _sigmoid(x, MUFU: tl.constexpr):
 
 
 @triton.jit
-def _rows(ptr, base, step, i0, end, offs, mask, U: tl.constexpr, HAS_MASK: tl.constexpr = True):
-    """Load U consecutive walk steps i0..i0+U-1 (row ``base + j*step``); steps from ``end`` on read as 0. The B/C rows
-    need no column mask (an all-true one would also stop Triton from vectorising them)."""
+def _bc(x):
+    """A (BD,) per-channel vector as a (1, 1, BD) tile. Expanding twice at the front keeps the layout that ``_sum_n``
+    returns (``x[None, None, :]`` is another, equivalent one, and Triton would then load and compute every
+    per-channel value twice, once in each)."""
+    return tl.expand_dims(tl.expand_dims(x, 0), 0)
+
+
+@triton.jit
+def _wide(x):
+    """x as float32. A pair of bf16 in one register widens in one instruction each (shift, mask); Triton's own
+    conversion extracts the upper half first (PRMT then shift)."""
+    if PTX and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\nand.b32 $1, $2, -65536;", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _walk(pid_b, i, L, s_b, s_l, REVERSE: tl.constexpr):
+    """Offset of walk step i: time i, or L-1-i when reverse."""
+    t = (L - 1 - i) if REVERSE else i
+    return pid_b.to(tl.int64) * s_b + t.to(tl.int64) * s_l
+
+
+@triton.jit
+def _load(ptr, cols, ok, COLS: tl.constexpr, MASKED: tl.constexpr):
+    """Masks only where needed: ``cols`` (channels past DIM) where COLS, ``ok`` (the step is before the end) where
+    MASKED. Masked-off elements read as 0."""
+    if MASKED:
+        if COLS:
+            return tl.load(ptr, mask=cols & ok, other=0.0)
+        else:
+            return tl.load(ptr, mask=ok, other=0.0)
+    elif COLS:
+        return tl.load(ptr, mask=cols, other=0.0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _store(ptr, value, cols, ok, COLS: tl.constexpr, MASKED: tl.constexpr):
+    value = value.to(ptr.dtype.element_ty)
+    if MASKED:
+        if COLS:
+            tl.store(ptr, value, mask=cols & ok)
+        else:
+            tl.store(ptr, value, mask=ok)
+    elif COLS:
+        tl.store(ptr, value, mask=cols)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def _rows(ptr, row, step, i0, end, offs, cols, U: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
+    """U consecutive walk steps i0..i0+U-1 (rows ``row + j*step``); with MASKED steps from ``end`` on read as 0."""
     rows = ()
     for j in tl.static_range(U):
-        ok = (i0 + j < end) & mask if HAS_MASK else i0 + j < end
-        rows = rows + (tl.load(ptr + base + j * step + offs, mask=ok, other=0.0),)
+        rows = rows + (_load(ptr + row + j * step + offs, cols, i0 + j < end, COLS, MASKED),)
     return rows
 
 
 @triton.jit
-def _row_base(pid_b, i0, L, s_b, s_l, REVERSE: tl.constexpr):
-    """Offset of walk step i0 (time i0, or L-1-i0 when reverse) and the offset between walk steps."""
-    t0 = (L - 1 - i0) if REVERSE else i0
-    step = -s_l if REVERSE else s_l
-    return pid_b.to(tl.int64) * s_b + t0.to(tl.int64) * s_l, step
-
-
-@triton.jit
-def _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, end, offs_d, offs_bc, mask_d,
+def _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, end, offs_d, offs_bc, cols,
                 s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
-                HAS_Z: tl.constexpr, LOAD_C: tl.constexpr, REVERSE: tl.constexpr, U: tl.constexpr):
+                HAS_Z: tl.constexpr, LOAD_C: tl.constexpr, REVERSE: tl.constexpr, U: tl.constexpr,
+                COLS: tl.constexpr, MASKED: tl.constexpr):
     """The inputs of U walk steps starting at i0: tuples of u, delta, z (BD,) and B, C (NV, NH, BD). B and C are
     loaded already broadcast over the channels: as (NV, NH, 1) tiles Triton would spread them one element per
-    lane and make that the layout of the whole loop."""
-    base, step = _row_base(pid_b, i0, L, s_ub, s_ul, REVERSE)
-    us = _rows(u_ptr, base, step, i0, end, offs_d, mask_d, U)
-    base, step = _row_base(pid_b, i0, L, s_tb, s_tl, REVERSE)
-    dts = _rows(dt_ptr, base, step, i0, end, offs_d, mask_d, U)
-    base, step = _row_base(pid_b, i0, L, s_Bb, s_Bl, REVERSE)
-    Bs = _rows(B_ptr, base, step, i0, end, offs_bc, None, U, False)
+    lane and make that the layout of the whole loop. Their rows need no column mask (an all-true one would also
+    stop Triton from vectorising them)."""
+    sgn = -1 if REVERSE else 1
+    us = _rows(u_ptr, _walk(pid_b, i0, L, s_ub, s_ul, REVERSE), sgn * s_ul, i0, end, offs_d, cols, U, COLS, MASKED)
+    dts = _rows(dt_ptr, _walk(pid_b, i0, L, s_tb, s_tl, REVERSE), sgn * s_tl, i0, end, offs_d, cols, U, COLS,
+                MASKED)
+    Bs = _rows(B_ptr, _walk(pid_b, i0, L, s_Bb, s_Bl, REVERSE), sgn * s_Bl, i0, end, offs_bc, cols, U, False,
+               MASKED)
     zs = us
     Cs = Bs
     if HAS_Z:
-        base, step = _row_base(pid_b, i0, L, s_zb, s_zl, REVERSE)
-        zs = _rows(z_ptr, base, step, i0, end, offs_d, mask_d, U)
+        zs = _rows(z_ptr, _walk(pid_b, i0, L, s_zb, s_zl, REVERSE), sgn * s_zl, i0, end, offs_d, cols, U, COLS,
+                   MASKED)
     if LOAD_C:
-        base, step = _row_base(pid_b, i0, L, s_Cb, s_Cl, REVERSE)
-        Cs = _rows(C_ptr, base, step, i0, end, offs_bc, None, U, False)
+        Cs = _rows(C_ptr, _walk(pid_b, i0, L, s_Cb, s_Cl, REVERSE), sgn * s_Cl, i0, end, offs_bc, cols, U, False,
+                   MASKED)
     return us, dts, zs, Bs, Cs
 
 
 @triton.jit
-def _dt(raw, bias, valid, SOFTPLUS: tl.constexpr, MUFU: tl.constexpr):
-    """Discretisation step softplus(raw + bias); 0 on steps past the end so that they leave the state unchanged."""
+def _dt(raw, bias, valid, SOFTPLUS: tl.constexpr, MUFU: tl.constexpr, MASKED: tl.constexpr):
+    """Discretisation step softplus(raw + bias); with MASKED 0 on steps past the end, so that they leave the state
+    unchanged."""
     x = raw + bias
     if SOFTPLUS:
         x = _softplus(x, MUFU)
-    return tl.where(valid, x, 0.0)
+    if MASKED:
+        x = tl.where(valid, x, 0.0)
+    return x
 
 
 @triton.jit
@@ -137,33 +191,75 @@ def _state_offsets(N: tl.constexpr, NV: tl.constexpr):
     return n2[:, :, None]
 
 
-@triton.jit(do_not_specialize=["one"])
+@triton.jit
+def _store_states(ptrs, h, flags, VEC: tl.constexpr):
+    """tl.store(ptrs, h, mask=flags != 0); with VEC (the tile is in the 8 x 2 x 16 layout that bf16/fp16 B and C
+    give, see _SUM_CHANNELS_ASM, so each thread holds runs of 4 consecutive, 16-byte aligned states) as 16-byte
+    stores straight from registers: Triton would move the tile to the store's own layout through shared memory
+    first, and hold registers for that across the loop it sits in."""
+    if not VEC:
+        tl.store(ptrs, h, mask=flags != 0)
+        return
+    tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $12, 0;\n@p st.global.v4.f32 [$8], {$4, $5, $6, $7};\n"
+                              "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;\n}",
+                              "=r,=r,=r,=r,r,r,r,r,l,l,l,l,r,r,r,r", [h, ptrs.to(tl.int64, bitcast=True), flags],
+                              dtype=tl.int32, is_pure=False, pack=4)
+
+
+@triton.jit
+def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, o_row, o_step, offs_d, cols,
+               U: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, STATE_ONLY: tl.constexpr,
+               MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
+    """U steps of the scan from walk step i0 (inputs ``blk`` from _load_block), writing y unless STATE_ONLY."""
+    us, dts, zs, Bs, Cs = blk
+    for j in tl.static_range(U):
+        valid = i0 + j < end
+        u = us[j].to(tl.float32)
+        dt = _dt(dts[j].to(tl.float32), bias, valid, SOFTPLUS, MUFU, MASKED)
+        h = tl.exp2(_bc(dt) * A2) * h + _bc(dt * u) * _wide(Bs[j])
+        if STATE_ONLY:
+            dt_sum += dt
+        else:
+            y = _sum_n(h * _wide(Cs[j])) + Dv * u
+            if HAS_Z:
+                z = zs[j].to(tl.float32)
+                y = y * z * _sigmoid(z, MUFU)
+            _store(out_ptr + o_row + j * o_step + offs_d, y, cols, valid, COLS, MASKED)
+    return h, dt_sum
+
+
+@triton.jit(do_not_specialize=["one", "save"])
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr, seg_state_ptr, seg_dt_ptr,
-    L, DIM, SEG, one,
-    s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_ob, s_ol,
-    N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, CHUNK: tl.constexpr,
+    L, DIM, SEG, one, save,
+    s_ub, s_ul: tl.constexpr, s_tb, s_tl: tl.constexpr, s_zb, s_zl: tl.constexpr, s_Bb, s_Bl: tl.constexpr, s_Cb,
+    s_Cl: tl.constexpr, s_ob, s_ol: tl.constexpr,
+    N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, DEPTH: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_INIT: tl.constexpr,
-    MUFU: tl.constexpr,
+    REVERSE: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
+    COLS: tl.constexpr, LANES: tl.constexpr,
 ):
-    """out = scan(...) for one (batch row, channel block, segment of SEG walk steps); states[b, c] = the state
-    before walk step c*CHUNK. With several segments the scan runs twice: first ``STATE_ONLY``, each segment from a
-    zero state, writing its end state and sum of dt into seg_state/seg_dt; after the host chains those, again with
-    ``HAS_INIT``, each segment starting from its true state read from seg_state."""
+    """out = scan(...) for one (batch row, channel block, segment of SEG walk steps); if ``save``, states[b, c] =
+    the state before walk step c*CHUNK. With several segments the scan runs twice: first ``STATE_ONLY``, each
+    segment from a zero state, writing its end state and sum of dt into seg_state/seg_dt; after the host chains
+    those, again with ``HAS_INIT``, each segment starting from its true state read from seg_state. COLS: DIM is not
+    a multiple of BD (channel masks needed). LANES: the tiles are in the layout _store_states can use (see
+    _lanes_known). ``save`` is a run-time flag, not a constexpr: the branch it guards
+    before every block also keeps ptxas from sinking the loads that refill the ring of prefetched blocks past it
+    (ptxas otherwise schedules them at the end of the loop body, just before their use in the next iteration)."""
     pid_b = tl.program_id(0)
     seg = pid_b * tl.num_programs(2) + tl.program_id(2)
     start = tl.program_id(2) * SEG
     end = tl.minimum(L, start + SEG)
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
-    mask_d = offs_d < DIM
+    cols = offs_d < DIM
     offs_n = _state_offsets(N, NV)
     offs_bc = tl.broadcast_to(offs_n, (NV, N // NV, BD))
-    dn = offs_d[None, None, :] * N + offs_n * one  # `one` hides the contiguity over n: see _state_offsets
-    mask_dn = mask_d[None, None, :] & (offs_n >= 0)
+    dn = _bc(offs_d) * N + offs_n * one  # `one` hides the contiguity over n: see _state_offsets
+    mask_dn = _bc(cols) & (offs_n >= 0)
     A2 = tl.load(A_ptr + dn, mask=mask_dn, other=0.0) * LOG2E
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BD], tl.float32)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_BIAS else tl.zeros([BD], tl.float32)
+    Dv = tl.load(D_ptr + offs_d, mask=cols, other=0.0) if HAS_D else tl.zeros([BD], tl.float32)
+    bias = tl.load(bias_ptr + offs_d, mask=cols, other=0.0) if HAS_BIAS else tl.zeros([BD], tl.float32)
     st_base = state_ptr + (pid_b * tl.cdiv(L, CHUNK)).to(tl.int64) * DIM * N + dn
     seg_state = seg_state_ptr + seg.to(tl.int64) * DIM * N + dn
     if HAS_INIT:
@@ -171,35 +267,44 @@ def _scan_fwd_kernel(
     else:
         h = tl.zeros([NV, N // NV, BD], tl.float32)
     dt_sum = tl.zeros([BD], tl.float32)
-    nxt = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, start, L, end, offs_d, offs_bc, mask_d,
-                      s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z and not STATE_ONLY,
-                      not STATE_ONLY, REVERSE, U)
-    for i0 in range(start, end, U):
-        us, dts, zs, Bs, Cs = nxt
-        nxt = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0 + U, L, end, offs_d, offs_bc, mask_d,
-                          s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z and not STATE_ONLY,
-                          not STATE_ONLY, REVERSE, U)
-        if SAVE_STATES:
-            if i0 % CHUNK == 0:
-                tl.store(st_base + (i0 // CHUNK) * DIM * N, h, mask=mask_dn)
-        out_base, out_step = _row_base(pid_b, i0, L, s_ob, s_ol, REVERSE)
-        for j in tl.static_range(U):
-            valid = i0 + j < end
-            u = us[j].to(tl.float32)
-            dt = _dt(dts[j].to(tl.float32), bias, valid, SOFTPLUS, MUFU)
-            h = tl.exp2(dt[None, None, :] * A2) * h + (dt * u)[None, None, :] * Bs[j].to(tl.float32)
-            if STATE_ONLY:
-                dt_sum += dt
-            else:
-                y = _sum_n(h * Cs[j].to(tl.float32)) + Dv * u
-                if HAS_Z:
-                    z = zs[j].to(tl.float32)
-                    y = y * z * _sigmoid(z, MUFU)
-                tl.store(out_ptr + out_base + j * out_step + offs_d, y.to(out_ptr.dtype.element_ty),
-                         mask=mask_d & valid)
+    o_step = -s_ol if REVERSE else s_ol
+    # Blocks of U steps, each loaded DEPTH blocks ahead of its use, in a ring of DEPTH blocks (a shifting queue would
+    # cost register moves). The main loop runs DEPTH full blocks an iteration, without masks, as long as the blocks
+    # it loads are full too.
+    ahead = ()
+    for k in tl.static_range(DEPTH):
+        ahead = ahead + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, start + k * U, L, end, offs_d, offs_bc,
+                                     cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
+                                     HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, True),)
+    i_rest = start + tl.maximum((end - start) // (DEPTH * U) - 1, 0) * (DEPTH * U)
+    for i in range(start, i_rest, DEPTH * U):
+        for k in tl.static_range(DEPTH):
+            i0 = i + k * U
+            if (save != 0) & (i0 % CHUNK == 0):
+                _store_states(st_base + (i0 // CHUNK) * DIM * N, h, mask_dn.to(tl.int32), LANES)
+            h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
+                                   _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, cols, U, HAS_Z, SOFTPLUS,
+                                   STATE_ONLY, MUFU, COLS, False)
+            # Refill the slot just used, after its block: into registers free from here on, the loads issue while the
+            # next DEPTH - 1 blocks compute (the branch before the next block keeps ptxas from sinking them further).
+            ahead = ahead[:k] + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0 + DEPTH * U, L, end, offs_d,
+                                             offs_bc, cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
+                                             HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, False),) \
+                + ahead[k + 1:]
+    # What is left (fewer than 2 * DEPTH blocks, the last one possibly partial, possibly none), loaded again with
+    # masks: values carried out of the loop would be laid out for both uses and loaded twice. A loop rather than
+    # 2 * DEPTH unrolled blocks: Triton's coalescing pass takes time superlinear in the number of loads.
+    for i0 in range(i_rest, end, U):
+        blk = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, end, offs_d, offs_bc, cols, s_ub, s_ul,
+                          s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z and not STATE_ONLY, not STATE_ONLY,
+                          REVERSE, U, COLS, True)
+        if (save != 0) & (i0 % CHUNK == 0):
+            _store_states(st_base + (i0 // CHUNK) * DIM * N, h, mask_dn.to(tl.int32), LANES)
+        h, dt_sum = _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, _walk(pid_b, i0, L, s_ob, s_ol, REVERSE),
+                               o_step, offs_d, cols, U, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, True)
     if STATE_ONLY:
         tl.store(seg_state, h, mask=mask_dn)
-        tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=mask_d)
+        tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=cols)
 
 
 @triton.jit
@@ -210,22 +315,160 @@ def _gate(g, z, HAS_Z: tl.constexpr, MUFU: tl.constexpr):
     return g
 
 
+# dB and dC rows of one step, summed over a channel block's 16 channels and stored: a butterfly reduce-scatter of the
+# two (8, 2, 16) tiles over their 16 channel lanes (lane = nh + 2*d, the 8 states v of n = nh*8 + v in registers).
+# Each round sends half of a lane's values to the lane whose channel differs in one bit and adds the half it keeps to
+# what it receives: 8 + 4 + 2 + 1 shuffles for the 2 x 16 sums instead of a shuffle tree per value (2 x 8 x 4), in a
+# fixed order (deterministic). Lane (nh, d) ends with the sum for state n = nh*8 + d % 8 of dB (d < 8) or dC and
+# stores it at the address of its element v = 0 (if that element's flag is set). The store is part of the assembly:
+# a Triton store would move the values to its own layout through shared memory first.
+_SUM_CHANNELS_ASM: tl.constexpr = tl.constexpr("""{
+.reg .pred p;
+.reg .b32 lane, bit, k<8>, s<8>, r<8>;
+mov.u32 lane, %laneid;
+and.b32 bit, lane, 16;
+setp.ne.u32 p, bit, 0;
+""" + "".join(f"selp.b32 k{i}, ${16 + i}, ${8 + i}, p;\nselp.b32 s{i}, ${8 + i}, ${16 + i}, p;\n" for i in range(8))
+    + "".join(f"shfl.sync.bfly.b32 r{i}, s{i}, 16, 31, -1;\n" for i in range(8))
+    + "".join(f"add.f32 k{i}, k{i}, r{i};\n" for i in range(8))
+    + "".join(
+        f"and.b32 bit, lane, {m};\nsetp.ne.u32 p, bit, 0;\n"
+        + "".join(f"selp.b32 s{i}, k{i}, k{i + h}, p;\nselp.b32 k{i}, k{i + h}, k{i}, p;\n" for i in range(h))
+        + "".join(f"shfl.sync.bfly.b32 r{i}, s{i}, {m}, 31, -1;\n" for i in range(h))
+        + "".join(f"add.f32 k{i}, k{i}, r{i};\n" for i in range(h))
+        for m, h in ((8, 4), (4, 2), (2, 1)))
+    + "setp.ne.s32 p, $32, 0;\n@p st.global.f32 [$24], k0;\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(8)) + "}")
+
+
+@triton.jit
+def _store_channel_sums(ptrs, dB, dC, flags):
+    """_SUM_CHANNELS_ASM on (8, 2, 16) tiles: ``ptrs`` and ``flags`` (int32) give each lane's address and whether to
+    store, in its element v = 0."""
+    tl.inline_asm_elementwise(_SUM_CHANNELS_ASM, "=r," * 8 + "r," * 16 + "l," * 8 + "r," * 7 + "r",
+                              [dB, dC, ptrs.to(tl.int64, bitcast=True), flags], dtype=tl.int32, is_pure=False, pack=8)
+
+
+@triton.jit
+def _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb, s_gl, s_zb, s_zl,
+               s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB: tl.constexpr, HAS_Z: tl.constexpr,
+               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr,
+               MASKED: tl.constexpr):
+    """dh <- a_t * (dh + g_t C_t) back over walk steps i0+SUB-1..i0; needs neither the states nor u and B."""
+    sgn = -1 if REVERSE else 1
+    dts = _rows(dt_ptr, _walk(pid_b, i0, L, s_tb, s_tl, REVERSE), sgn * s_tl, i0, L, offs_d, cols, SUB, COLS, MASKED)
+    gs = _rows(dout_ptr, _walk(pid_b, i0, L, s_gb, s_gl, REVERSE), sgn * s_gl, i0, L, offs_d, cols, SUB, COLS,
+               MASKED)
+    Cs = _rows(C_ptr, _walk(pid_b, i0, L, s_Cb, s_Cl, REVERSE), sgn * s_Cl, i0, L, offs_bc, cols, SUB, False, MASKED)
+    zs = gs
+    if HAS_Z:
+        zs = _rows(z_ptr, _walk(pid_b, i0, L, s_zb, s_zl, REVERSE), sgn * s_zl, i0, L, offs_d, cols, SUB, COLS,
+                   MASKED)
+    for j in tl.static_range(SUB - 1, -1, -1):
+        dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU, MASKED)
+        g = _gate(gs[j].to(tl.float32), zs[j].to(tl.float32), HAS_Z, MUFU)
+        dh = (dh + _bc(g) * _wide(Cs[j])) * tl.exp2(_bc(dt) * A2)
+        dt_sum += dt
+    return dh, dt_sum
+
+
+@triton.jit
+def _recompute_piece(h, pid_b, i0, L, u_ptr, dt_ptr, B_ptr, s_ub, s_ul, s_tb, s_tl, s_Bb, s_Bl, offs_d, offs_bc,
+                     cols, bias, A2, SUB: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+                     MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
+    """The state after walk steps i0..i0+SUB-1, from the state before them."""
+    us, dts, _, Bs, _ = _load_block(u_ptr, dt_ptr, u_ptr, B_ptr, B_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
+                                    s_ub, s_ul, s_tb, s_tl, s_ub, s_ul, s_Bb, s_Bl, s_Bb, s_Bl, False, False,
+                                    REVERSE, SUB, COLS, MASKED)
+    for j in tl.static_range(SUB):
+        dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU, MASKED)
+        h = tl.exp2(_bc(dt) * A2) * h + _bc(dt * us[j].to(tl.float32)) * _wide(Bs[j])
+    return h
+
+
+@triton.jit
+def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
+               u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr,
+               s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_gb, s_gl,
+               offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias,
+               N: tl.constexpr, NV: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+               REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr,
+               SHFL: tl.constexpr):
+    """Walk steps i0+SUB-1..i0 backwards from the state ``h`` before i0: the piece's states and decays into
+    registers, then the adjoint step by step, writing du, ddt, dz and the channel block's dB/dC rows."""
+    us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
+                                      s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z, True,
+                                      REVERSE, SUB, COLS, MASKED)
+    g_row = _walk(pid_b, i0, L, s_gb, s_gl, REVERSE)
+    g_step = -s_gl if REVERSE else s_gl
+    gs = _rows(dout_ptr, g_row, g_step, i0, L, offs_d, cols, SUB, COLS, MASKED)
+    hs = (h,)
+    decays = ()
+    steps = ()
+    for j in tl.static_range(SUB):
+        dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU, MASKED)
+        a = tl.exp2(_bc(dt) * A2)
+        h = a * h + _bc(dt * us[j].to(tl.float32)) * _wide(Bs[j])
+        hs = hs + (h,)
+        decays = decays + (a,)
+        steps = steps + (dt,)
+    for j in tl.static_range(SUB - 1, -1, -1):
+        valid = i0 + j < L
+        u = us[j].to(tl.float32)
+        Bj = _wide(Bs[j])
+        Cj = _wide(Cs[j])
+        dt = steps[j]
+        g = gs[j].to(tl.float32)
+        row = g_row + j * g_step
+        if HAS_Z:
+            z = zs[j].to(tl.float32)
+            sig = _sigmoid(z, MUFU)
+            y = _sum_n(hs[j + 1] * Cj) + Dv * u
+            _store(dz_ptr + row + offs_d, g * y * sig * (1.0 + z * (1.0 - sig)), cols, valid, COLS, MASKED)
+            g = g * z * sig
+        dh += _bc(g) * Cj
+        dhB = _sum_n(dh * Bj)
+        w = dh * decays[j] * hs[j]
+        ddt = _sum_n(w * A) + u * dhB
+        if SOFTPLUS:
+            x = dts[j].to(tl.float32) + bias
+            ddt = tl.where(x <= 20.0, ddt * _sigmoid(x, MUFU), ddt)
+        dA_acc += w * _bc(dt)
+        dD_acc += g * u
+        dbias_acc += tl.where(valid, ddt, 0.0) if MASKED else ddt
+        _store(du_ptr + row + offs_d, dt * dhB + Dv * g, cols, valid, COLS, MASKED)
+        _store(ddt_ptr + row + offs_d, ddt, cols, valid, COLS, MASKED)
+        part = dBC_ptr + part_row + ((L - 1 - i0 - j) if REVERSE else (i0 + j)).to(tl.int64) * (2 * N)
+        dB = dh * _bc(dt * u)
+        dC = hs[j + 1] * _bc(g)
+        if SHFL:
+            _store_channel_sums(part + bc_offs, dB, dC, (bc_first & valid).to(tl.int32))
+        else:
+            _store(part + bc_offs, tl.sum(dB, axis=2), bc_first, valid, False, MASKED)
+            _store(part + N + bc_offs, tl.sum(dC, axis=2), bc_first, valid, False, MASKED)
+        dh = dh * decays[j]
+    return dh, dA_acc, dD_acc, dbias_acc
+
+
 @triton.jit(do_not_specialize=["one"])
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
-    seg_adj_ptr, seg_dt_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
+    seg_adj_ptr, seg_dt_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dBC_ptr,
     L, DIM, SEG, one,
-    s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_gb, s_gl,
+    s_ub, s_ul: tl.constexpr, s_tb, s_tl: tl.constexpr, s_zb, s_zl: tl.constexpr, s_Bb, s_Bl: tl.constexpr, s_Cb,
+    s_Cl: tl.constexpr, s_gb, s_gl: tl.constexpr,
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
+    COLS: tl.constexpr, SHFL: tl.constexpr,
 ):
     """Gradients for one (batch row, channel block, segment of SEG walk steps, a multiple of CHUNK). du, ddt, dz share
-    dout's (b, l, d) strides; dB/dC partials are (b, channel block, l, n); dA (b, segment, d, n), dD and dbias
-    (b, segment, d) are summed over the segment's steps here. With several segments the adjoint runs twice: first
-    ``ADJ_ONLY`` (no states, no gradients), each segment from a zero adjoint at its end, writing the adjoint at its
-    start and its sum of dt into seg_adj/seg_dt; after those are chained, again with ``HAS_INIT``, each segment
-    starting from the true adjoint read from seg_adj."""
+    dout's (b, l, d) strides; the dB and dC partials are (b, channel block, l, 2N) (dB then dC); dA (b, segment, d,
+    n), dD and dbias (b, segment, d) are summed over the segment's steps here. With several segments the adjoint runs
+    twice: first ``ADJ_ONLY`` (no states, no gradients), each segment from a zero adjoint at its end, writing the
+    adjoint at its start and its sum of dt into seg_adj/seg_dt; after those are chained, again with ``HAS_INIT``,
+    each segment starting from the true adjoint read from seg_adj. Pieces of SUB steps that end before L run without
+    step masks; COLS: DIM is not a multiple of BD. SHFL: the tiles are in the layout _SUM_CHANNELS_ASM and
+    _store_states need (see _lanes_known), else dB and dC are summed with tl.sum."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     n_blocks = tl.num_programs(1)
@@ -233,49 +476,52 @@ def _scan_bwd_kernel(
     start = tl.program_id(2) * SEG
     end = tl.minimum(L, start + SEG)
     offs_d = pid_d * BD + tl.arange(0, BD)
-    mask_d = offs_d < DIM
+    cols = offs_d < DIM
     offs_n = _state_offsets(N, NV)
     offs_bc = tl.broadcast_to(offs_n, (NV, N // NV, BD))
-    dn = offs_d[None, None, :] * N + offs_n * one  # `one` hides the contiguity over n: see _state_offsets
-    mask_dn = mask_d[None, None, :] & (offs_n >= 0)
+    dn = _bc(offs_d) * N + offs_n * one  # `one` hides the contiguity over n: see _state_offsets
+    mask_dn = _bc(cols) & (offs_n >= 0)
     A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0)
     A2 = A * LOG2E
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BD], tl.float32)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_BIAS else tl.zeros([BD], tl.float32)
+    Dv = tl.load(D_ptr + offs_d, mask=cols, other=0.0) if HAS_D else tl.zeros([BD], tl.float32)
+    bias = tl.load(bias_ptr + offs_d, mask=cols, other=0.0) if HAS_BIAS else tl.zeros([BD], tl.float32)
     seg_adj = seg_adj_ptr + seg.to(tl.int64) * DIM * N + dn
     if HAS_INIT:
         dh = tl.load(seg_adj, mask=mask_dn, other=0.0)
     else:
         dh = tl.zeros([NV, N // NV, BD], tl.float32)
     if ADJ_ONLY:
-        # dh <- a_t * (dh + g_t C_t) back over the segment; needs neither the states nor u and B.
         dt_sum = tl.zeros([BD], tl.float32)
         n_sub = tl.cdiv(end - start, SUB)
         for s_rev in range(n_sub):
             i0 = start + (n_sub - 1 - s_rev) * SUB
-            base, step = _row_base(pid_b, i0, L, s_tb, s_tl, REVERSE)
-            dts = _rows(dt_ptr, base, step, i0, L, offs_d, mask_d, SUB)
-            base, step = _row_base(pid_b, i0, L, s_gb, s_gl, REVERSE)
-            gs = _rows(dout_ptr, base, step, i0, L, offs_d, mask_d, SUB)
-            base, step = _row_base(pid_b, i0, L, s_Cb, s_Cl, REVERSE)
-            Cs = _rows(C_ptr, base, step, i0, L, offs_bc, None, SUB, False)
-            zs = gs
-            if HAS_Z:
-                base, step = _row_base(pid_b, i0, L, s_zb, s_zl, REVERSE)
-                zs = _rows(z_ptr, base, step, i0, L, offs_d, mask_d, SUB)
-            for j in tl.static_range(SUB - 1, -1, -1):
-                dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU)
-                g = _gate(gs[j].to(tl.float32), zs[j].to(tl.float32), HAS_Z, MUFU)
-                dh = (dh + g[None, None, :] * Cs[j].to(tl.float32)) * tl.exp2(dt[None, None, :] * A2)
-                dt_sum += dt
+            if i0 + SUB <= L:
+                dh, dt_sum = _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb,
+                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB, HAS_Z,
+                                        SOFTPLUS, REVERSE, MUFU, COLS, False)
+            else:
+                dh, dt_sum = _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb,
+                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB, HAS_Z,
+                                        SOFTPLUS, REVERSE, MUFU, COLS, True)
         tl.store(seg_adj, dh, mask=mask_dn)
-        tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=mask_d)
+        tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=cols)
     else:
         n_chunks = tl.cdiv(L, CHUNK)
         st_base = state_ptr + (pid_b * n_chunks).to(tl.int64) * DIM * N + dn
         scratch = scratch_ptr + ((pid_b * n_blocks + pid_d) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) \
-            * (CHUNK // SUB) * BD * N + tl.arange(0, BD)[None, None, :] * N + offs_n * one
-        part_base = (pid_b * n_blocks + pid_d).to(tl.int64) * L * N + tl.reshape(offs_n, [NV, N // NV])
+            * (CHUNK // SUB) * BD * N + _bc(tl.arange(0, BD)) * N + offs_n * one
+        part_row = (pid_b * n_blocks + pid_d).to(tl.int64) * L * (2 * N)
+        ones = tl.full([NV, N // NV, BD], 1, tl.int32)
+        if SHFL:
+            # _sum_channels leaves the sum for state n = nh*8 + d % 8 of dB (d < 8) or dC in element v = 0 of lane
+            # (nh, d).
+            tl.static_assert((N == 16) & (NV == 8) & (BD == 16))
+            lane_d = _bc(tl.arange(0, BD))
+            bc_offs = (lane_d // 8) * N + tl.arange(0, 2)[None, :, None] * NV + lane_d % 8 + offs_n * 0
+            bc_first = offs_bc == tl.arange(0, 2)[None, :, None] * NV
+        else:
+            bc_offs = tl.reshape(offs_n, [NV, N // NV])
+            bc_first = bc_offs >= 0
         dA_acc = tl.zeros([NV, N // NV, BD], tl.float32)
         dD_acc = tl.zeros([BD], tl.float32)
         dbias_acc = tl.zeros([BD], tl.float32)
@@ -288,69 +534,33 @@ def _scan_bwd_kernel(
             n_sub = tl.cdiv(tl.minimum(CHUNK, L - c * CHUNK), SUB)
             for s in range(n_sub):
                 i0 = c * CHUNK + s * SUB
-                tl.store(scratch + s * BD * N, h)
-                us, dts, _, Bs, _ = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc,
-                                                mask_d, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
-                                                False, False, REVERSE, SUB)
-                for j in tl.static_range(SUB):
-                    dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU)
-                    h = tl.exp2(dt[None, None, :] * A2) * h + (dt * us[j].to(tl.float32))[None, None, :] * Bs[j]
+                _store_states(scratch + s * BD * N, h, ones, SHFL)
+                if i0 + SUB <= L:
+                    h = _recompute_piece(h, pid_b, i0, L, u_ptr, dt_ptr, B_ptr, s_ub, s_ul, s_tb, s_tl, s_Bb, s_Bl,
+                                         offs_d, offs_bc, cols, bias, A2, SUB, SOFTPLUS, REVERSE, MUFU, COLS, False)
+                else:
+                    h = _recompute_piece(h, pid_b, i0, L, u_ptr, dt_ptr, B_ptr, s_ub, s_ul, s_tb, s_tl, s_Bb, s_Bl,
+                                         offs_d, offs_bc, cols, bias, A2, SUB, SOFTPLUS, REVERSE, MUFU, COLS, True)
             # Walk the pieces backwards: the piece's states and decays in registers, then the adjoint step by step.
             for s_rev in range(n_sub):
                 s = n_sub - 1 - s_rev
                 i0 = c * CHUNK + s * SUB
-                us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d,
-                                                  offs_bc, mask_d, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
-                                                  s_Cb, s_Cl, HAS_Z, True, REVERSE, SUB)
-                base, step = _row_base(pid_b, i0, L, s_gb, s_gl, REVERSE)
-                gs = _rows(dout_ptr, base, step, i0, L, offs_d, mask_d, SUB)
                 h = tl.load(scratch + s * BD * N)
-                hs = (h,)
-                decays = ()
-                steps = ()
-                for j in tl.static_range(SUB):
-                    dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU)
-                    a = tl.exp2(dt[None, None, :] * A2)
-                    h = a * h + (dt * us[j].to(tl.float32))[None, None, :] * Bs[j]
-                    hs = hs + (h,)
-                    decays = decays + (a,)
-                    steps = steps + (dt,)
-                for j in tl.static_range(SUB - 1, -1, -1):
-                    valid = i0 + j < L
-                    u = us[j].to(tl.float32)
-                    Bj = Bs[j].to(tl.float32)
-                    Cj = Cs[j].to(tl.float32)
-                    dt = steps[j]
-                    g = gs[j].to(tl.float32)
-                    if HAS_Z:
-                        z = zs[j].to(tl.float32)
-                        sig = _sigmoid(z, MUFU)
-                        y = _sum_n(hs[j + 1] * Cj) + Dv * u
-                        dz = g * y * sig * (1.0 + z * (1.0 - sig))
-                        tl.store(dz_ptr + base + j * step + offs_d, dz.to(dz_ptr.dtype.element_ty),
-                                 mask=mask_d & valid)
-                        g = g * z * sig
-                    dh += g[None, None, :] * Cj
-                    dhB = _sum_n(dh * Bj)
-                    w = dh * decays[j] * hs[j]
-                    ddt = _sum_n(w * A) + u * dhB
-                    if SOFTPLUS:
-                        x = dts[j].to(tl.float32) + bias
-                        ddt = tl.where(x <= 20.0, ddt * _sigmoid(x, MUFU), ddt)
-                    du = dt * dhB + Dv * g
-                    dA_acc += w * dt[None, None, :]
-                    dD_acc += g * u
-                    dbias_acc += tl.where(valid, ddt, 0.0)
-                    tl.store(du_ptr + base + j * step + offs_d, du.to(du_ptr.dtype.element_ty), mask=mask_d & valid)
-                    tl.store(ddt_ptr + base + j * step + offs_d, ddt.to(ddt_ptr.dtype.element_ty),
-                             mask=mask_d & valid)
-                    part = part_base + ((L - 1 - i0 - j) if REVERSE else (i0 + j)) * N
-                    tl.store(dB_ptr + part, tl.sum(dh * (dt * u)[None, None, :], axis=2), mask=valid)
-                    tl.store(dC_ptr + part, tl.sum(hs[j + 1] * g[None, None, :], axis=2), mask=valid)
-                    dh = dh * decays[j]
+                if i0 + SUB <= L:
+                    dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
+                        dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
+                        dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
+                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, SUB,
+                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL)
+                else:
+                    dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
+                        dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
+                        dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
+                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, SUB,
+                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL)
         tl.store(dA_ptr + seg.to(tl.int64) * DIM * N + dn, dA_acc, mask=mask_dn)
-        tl.store(dD_ptr + seg * DIM + offs_d, dD_acc, mask=mask_d)
-        tl.store(dbias_ptr + seg * DIM + offs_d, dbias_acc, mask=mask_d)
+        tl.store(dD_ptr + seg * DIM + offs_d, dD_acc, mask=cols)
+        tl.store(dbias_ptr + seg * DIM + offs_d, dbias_acc, mask=cols)
 
 
 @triton.jit
@@ -401,6 +611,15 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
+def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, cfg: dict) -> bool:
+    """Whether the kernels' (NV, NH, BD) tiles are in the layout that their inline assembly (dB/dC sums, state
+    stores) is written for: 8 states per thread, lane = nh + 2*d on one warp. The 16-byte loads of 8 two-byte B/C
+    values per thread set it (float32 rows take two loads per thread and get another layout), and only without
+    channel masks (with them, a misaligned state store was seen on the H100); the interpreter has no lanes."""
+    return (n == 16 and cfg["BD"] == 16 and cfg["num_warps"] == 1 and B.element_size() == C.element_size() == 2
+            and dim % cfg["BD"] == 0 and not INTERPRET)
+
+
 def _strides(*ts: torch.Tensor) -> list[int]:
     return [s for t in ts for s in (t.stride(0), t.stride(1))]
 
@@ -425,10 +644,8 @@ class SelectiveScanFn(torch.autograd.Function):
         n_blocks = triton.cdiv(dim, cfg["BD"])
         # Few (batch, channel block) programs leave most SMs idle: cut time into segments run in parallel.
         seg_len, n_seg = _segments(length, batch * n_blocks, cfg)
-        if batch * n_blocks * n_seg >= cfg["busy"]:
-            steps, mufu = cfg["U"], cfg["mufu"]
-        else:
-            steps, mufu = cfg["U_idle_save"] if save else cfg["U_idle"], cfg["mufu_idle"]
+        busy = batch * n_blocks * n_seg >= cfg["busy"]
+        steps, depth = (cfg[k] if busy else cfg[k + "_idle"] for k in ("U", "depth"))
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
 
@@ -436,11 +653,12 @@ class SelectiveScanFn(torch.autograd.Function):
             _scan_fwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if D_ is not None else A, z if z is not None else u,
                 bias if bias is not None else A, out, states, seg_state, seg_dt, length, dim, seg_len, 1,
-                *_strides(u, delta, z if z is not None else u, B, C, out),
-                N=n, NV=min(n, 8), BD=cfg["BD"], U=steps, CHUNK=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
-                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-                SAVE_STATES=save_states, STATE_ONLY=state_only, HAS_INIT=has_init,
-                MUFU=mufu and not INTERPRET, num_warps=cfg["num_warps"],
+                int(save_states), *_strides(u, delta, z if z is not None else u, B, C, out),
+                N=n, NV=min(n, 8), BD=cfg["BD"], U=steps, DEPTH=depth, CHUNK=CHUNK, HAS_D=D is not None,
+                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                REVERSE=bool(reverse), STATE_ONLY=state_only, HAS_INIT=has_init,
+                MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, LANES=_lanes_known(B, C, n, dim, cfg),
+                num_warps=cfg["num_warps"],
             )
 
         if length > 0:
@@ -471,8 +689,7 @@ class SelectiveScanFn(torch.autograd.Function):
         dA = torch.empty(batch, n_seg, dim, n, **f32)
         dD = torch.empty(batch, n_seg, dim, **f32)
         dbias = torch.empty(batch, n_seg, dim, **f32)
-        dB = torch.empty(batch, n_blocks, length, n, **f32)
-        dC = torch.empty(batch, n_blocks, length, n, **f32)
+        dBC = torch.empty(batch, n_blocks, length, 2 * n, **f32)
         seg_adj = torch.empty(batch, n_seg, dim, n, **f32)
         seg_dt = torch.empty(batch, n_seg, dim, **f32)
         scratch = torch.empty(batch * n_blocks * n_seg * (CHUNK // cfg["SUB"]) * cfg["BD"] * n, **f32)
@@ -480,11 +697,12 @@ class SelectiveScanFn(torch.autograd.Function):
         def launch(adj_only: bool, has_init: bool) -> None:
             _scan_bwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if has_d else A, z if has_z else u, bias if has_bias else A, dout, states,
-                scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dB, dC,
+                scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dBC,
                 length, dim, seg_len, 1, *_strides(u, delta, z if has_z else u, B, C, dout),
                 N=n, NV=min(n, 8), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
-                MUFU=cfg["mufu"] and not INTERPRET, num_warps=cfg["num_warps"],
+                MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, SHFL=_lanes_known(B, C, n, dim, cfg),
+                num_warps=cfg["num_warps"],
             )
 
         if length > 0:
@@ -493,15 +711,15 @@ class SelectiveScanFn(torch.autograd.Function):
                 _chain_segments(seg_adj, seg_dt, A, reverse=True)
             launch(False, n_seg > 1)
         else:
-            for t in (dA, dD, dbias, dB, dC):
+            for t in (dA, dD, dbias, dBC):
                 t.zero_()
         d_dtype, bias_dtype = ctx.dtypes
         return (
             du,
             ddelta,
             dA.sum((0, 1)),
-            dB.sum(1).to(B.dtype),
-            dC.sum(1).to(C.dtype),
+            dBC[..., :n].sum(1).to(B.dtype),
+            dBC[..., n:].sum(1).to(C.dtype),
             dD.sum((0, 1)).to(d_dtype) if has_d else None,
             dz,
             dbias.sum((0, 1)).to(bias_dtype) if has_bias else None,

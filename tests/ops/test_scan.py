@@ -119,8 +119,9 @@ def test_conv_matches_reference_with_gradients(reverse):
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("shape", ["strided", "shorter than the kernel", "split over threads"])
-def test_inference_conv_with_silu_matches_reference(reverse, with_bias, shape):
+def test_inference_conv_matches_reference(reverse, with_bias, silu, shape):
     """Float32 without gradients takes the fused numba pass when numba is installed."""
     g = torch.Generator().manual_seed(0)
     if shape == "split over threads":
@@ -129,9 +130,9 @@ def test_inference_conv_with_silu_matches_reference(reverse, with_bias, shape):
         x = torch.randn(2, 700 if shape == "strided" else 2, 128, generator=g, dtype=torch.float64)[..., :64]
     w, b = torch.randn(64, 1, 4, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
     b = b if with_bias else None
-    expected = reference.causal_conv1d_reference(x, w, b, reverse, silu=True)
+    expected = reference.causal_conv1d_reference(x, w, b, reverse, silu)
     with torch.no_grad():
-        actual = ops.causal_conv1d(x.float(), w.float(), None if b is None else b.float(), reverse, silu=True)
+        actual = ops.causal_conv1d(x.float(), w.float(), None if b is None else b.float(), reverse, silu)
     assert actual.dtype == torch.float32
     assert relative_error(actual, expected) <= 1e-6
 

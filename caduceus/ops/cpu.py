@@ -104,9 +104,13 @@ def _numba_forward(u, delta, A, B, C, D, reverse, bias=None, z=None, softplus=Fa
     y = torch.empty(batch, length, dim)
     shape = (batch, -(-length // scan_numba.CHUNK), dim, A.shape[1]) if save_states else (1, 1, 1, 1)
     states = torch.empty(shape)
-    bias = torch.zeros(dim) if bias is None else bias
-    args = (*_numba_arrays(u, delta, bias, A, B, C, D, u if z is None else z), softplus, z is not None, reverse,
-            y.numpy(), states.numpy(), save_states)
+    if softplus:
+        bias = torch.zeros(dim) if bias is None else bias
+    elif bias is not None:
+        delta, bias = delta + bias, None
+    bias, z = (None if t is None else t.contiguous().numpy() for t in (bias, z))  # None: a step the kernel skips
+    args = (*_numba_arrays(u, delta), bias, *_numba_arrays(A, B, C, D), z, reverse, y.numpy(), states.numpy(),
+            save_states)
     _run_jobs(scan_numba.scan_forward, args, batch * -(-dim // scan_numba.BLOCK_D))
     return y, states
 

@@ -2,25 +2,24 @@
 depthwise conv + SiLU that feeds it, for inference.
 
 The exp of the N decays dominates; libm's scalar ``expf`` caps a core near 0.2e9 updates/s, so ``_exp2`` is a
-polynomial with an exponent-bit scale that LLVM vectorises (relative error ~1e-7, the float32 rounding of the
-result). The forward puts a block's channels on the vector lanes, so that C·h needs no horizontal sum, walks time
-in tiles of ``TILE`` steps across all its jobs (a tile's rows stay in cache), and computes the softplus step and
-the SiLU gate itself; it saves the state at chunk boundaries only. The backward recomputes each chunk's states and
-decays from its saved state and walks it in reverse.
+polynomial scaled by ``ldexp``, which LLVM vectorises (relative error ~1e-7, the float32 rounding of the result).
+The forward puts a block's channels on the vector lanes, so that C·h needs no horizontal sum, walks time in tiles
+of ``TILE`` steps across all its jobs (a tile's rows stay in cache), prefetches the rows ``AHEAD`` steps on, and
+computes the softplus step and the SiLU gate itself; it saves the state at chunk boundaries only. The backward
+recomputes each chunk's states and decays from its saved state and walks it in reverse.
 
 The kernels run the jobs ``first..last`` without the GIL; the caller spreads job ranges over Python
 threads. (numba's own ``parallel=True`` pool spin-waits between calls and starves PyTorch's threads:
 training a small model ran 30× slower beside it on 2 cores.) ``error_model="numpy"``: Python's
-zero-division check on ``/`` would stop LLVM from vectorising. Fast-math without ``nsz``: with it LLVM folds
-the range reduction of ``_exp2``, (x + _ROUNDER) - _ROUNDER, back to x.
+zero-division check on ``/`` would stop LLVM from vectorising.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import binding
+from llvmlite import binding, ir
 from numba import njit, types
-from numba.core import config
+from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 
@@ -42,10 +41,8 @@ BLOCK_D = 64  # channels per job: four 16-lane vectors per state row amortise th
 CHUNK = 256
 CONV_STEPS = 256  # time steps per conv job
 TILE = 16  # steps per time tile: the rows of a tile, for all of a thread's jobs, stay in cache
+AHEAD = 4  # the forward prefetches the rows this many steps ahead
 _LOG2E = np.float32(1.4426950408889634)
-_FASTMATH = {"nnan", "ninf", "arcp", "contract", "afn", "reassoc"}
-# x + _ROUNDER rounds x to an integer k in the low mantissa bits, with the exponent bias 127 already added.
-_ROUNDER = np.float32(1.5 * 2**23 + 127)
 # Polynomial coefficients, highest degree first (Chebyshev fits in float64, rounded to float32):
 # 2^f on [-0.5, 0.5], degree 6: relative error 2.6e-9 exactly, 1.1e-7 evaluated in float32;
 _EXP2_COEFFS = tuple(np.float32(c) for c in (
@@ -57,27 +54,48 @@ _LOG1P_COEFFS = tuple(np.float32(c) for c in (
     0.33332568, -0.49999982, 1.0))
 
 
-@intrinsic
-def _as_float32(typingctx, bits):
-    """Reinterpret int32 bits as a float32 (a no-op that LLVM vectorises)."""
+def _llvm_call(name: str, result: ir.Type, *operands: ir.Type):
+    """Codegen calling the LLVM intrinsic ``name``: LLVM vectorises these like plain arithmetic."""
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, operands), name)
+        return builder.call(function, args)
 
-    return types.float32(types.int32), codegen
+    return codegen
 
 
 @intrinsic
-def _as_int32(typingctx, value):
-    """Reinterpret a float32 as int32 bits."""
+def _prefetch(typingctx, row):
+    """Ask for the cache lines of a row's first BLOCK_D float32 values (llvm.prefetch into L1). The forward reads
+    256 bytes from each of rows a few KB apart, a pattern the hardware prefetchers do not follow."""
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.int32))
+        pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        start = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, pointer)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        for offset in range(0, BLOCK_D * 4, 64):  # read, keep in all levels, data
+            line = builder.gep(start, [ir.Constant(ir.IntType(64), offset)])
+            builder.call(prefetch, [line, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
 
-    return types.int32(types.float32), codegen
+    return types.none(row), codegen
 
 
-@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+@intrinsic
+def _round_to_int(typingctx, x):
+    """x rounded to the nearest integer, as int32 (llvm.lrint: one vcvtps2dq)."""
+    return types.int32(types.float32), _llvm_call("llvm.lrint.i32.f32", ir.IntType(32), ir.FloatType())
+
+
+@intrinsic
+def _ldexp(typingctx, x, k):
+    """x · 2^k (llvm.ldexp: one vscalefps with AVX-512)."""
+    return (types.float32(types.float32, types.int32),
+            _llvm_call("llvm.ldexp.f32.i32", ir.FloatType(), ir.FloatType(), ir.IntType(32)))
+
+
+@njit(inline="always", fastmath=True, error_model="numpy")
 def _polynomial(coeffs, x: float) -> float:
     """Horner's rule, highest degree first (the tuple is unrolled at compile time)."""
     p = coeffs[0]
@@ -86,30 +104,29 @@ def _polynomial(coeffs, x: float) -> float:
     return p
 
 
-@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+@njit(inline="always", fastmath=True, error_model="numpy")
 def _exp2(x: float) -> float:
-    """2^x for x clamped to [-126, 126]: polynomial of the fraction times the exponent bits (rounding by adding
-    _ROUNDER costs three vector operations; a round and a float-to-int conversion cost four)."""
-    x = min(max(x, np.float32(-126.0)), np.float32(126.0))
-    rounded = x + _ROUNDER
-    fraction = x - (rounded - _ROUNDER)
-    return _polynomial(_EXP2_COEFFS, fraction) * _as_float32(_as_int32(rounded) << np.int32(23))
+    """2^x for x >= -126 (below, 2^-126): polynomial of the fraction, scaled by 2^k. Five vector operations
+    besides the polynomial's; ldexp also gives inf above 128 without a clamp."""
+    x = max(x, np.float32(-126.0))
+    k = _round_to_int(x)
+    return _ldexp(_polynomial(_EXP2_COEFFS, x - np.float32(k)), k)
 
 
-@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+@njit(inline="always", fastmath=True, error_model="numpy")
 def _log1p_unit(v: float) -> float:
     """ln(1 + v) for v in [0, 1]."""
     return v * _polynomial(_LOG1P_COEFFS, v)
 
 
-@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+@njit(inline="always", fastmath=True, error_model="numpy")
 def _softplus(x: float) -> float:
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|); x itself above 20, as PyTorch and the CUDA kernel."""
     value = np.maximum(x, np.float32(0.0)) + _log1p_unit(_exp2(-np.abs(x) * _LOG2E))
     return x if x > np.float32(20.0) else value
 
 
-@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+@njit(inline="always", fastmath=True, error_model="numpy")
 def _silu(x: float) -> float:
     return x / (np.float32(1.0) + _exp2(-x * _LOG2E))
 
@@ -119,10 +136,11 @@ def _position(step: int, length: int, reverse: bool) -> int:
     return length - 1 - step if reverse else step
 
 
-@njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
-def scan_forward(u, delta, bias, A, B, C, D, z, softplus, gate, reverse, y, states, save_states, first, last):
-    """y (b, l, d) = (C·h + D·u) · silu(z) with dt = softplus(delta + bias) (each step optional: training
-    applies them outside, under autograd); states (b, n_chunks, d, n) = the state before each chunk."""
+@njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
+def scan_forward(u, delta, softplus_bias, A, B, C, D, z, reverse, y, states, save_states, first, last):
+    """y (b, l, d) = (C·h + D·u) · silu(z) with dt = softplus(delta + softplus_bias); states (b, n_chunks, d, n) =
+    the state before each chunk. ``softplus_bias`` None: dt = delta; ``z`` None: no gate (training applies both
+    outside, under autograd). numba compiles a version per None-ness, with the branches resolved."""
     batch, length, dim = u.shape
     n_state = A.shape[1]
     n_blocks = (dim + BLOCK_D - 1) // BLOCK_D
@@ -142,7 +160,8 @@ def scan_forward(u, delta, bias, A, B, C, D, z, softplus, gate, reverse, y, stat
         for i in range(n_jobs):
             b = (first + i) // n_blocks
             d0 = ((first + i) % n_blocks) * BLOCK_D
-            width = min(BLOCK_D, dim - d0)
+            d1 = min(d0 + BLOCK_D, dim)
+            width = d1 - d0
             h, A2 = h_all[i], A2_all[i]
             steps[width:] = 0.0
             drives[width:] = 0.0
@@ -152,28 +171,39 @@ def scan_forward(u, delta, bias, A, B, C, D, z, softplus, gate, reverse, y, stat
                         for j in range(width):
                             states[b, step // CHUNK, d0 + j, n] = h[n, j]
                 t = _position(step, length, reverse)
-                # Branch-free loops per flag: a condition inside would stop LLVM from vectorising them.
+                if step + AHEAD < length:
+                    ahead = _position(step + AHEAD, length, reverse)
+                    _prefetch(u[b, ahead, d0:d1])
+                    _prefetch(delta[b, ahead, d0:d1])
+                    _prefetch(y[b, ahead, d0:d1])
+                    if z is not None:
+                        _prefetch(z[b, ahead, d0:d1])
+                # Rows are sliced first: an index from range() is provably >= 0, so LLVM drops numba's
+                # negative-index wraparound and loads them as vectors (rows indexed with d0 + j become gathers).
+                u_row, delta_row, D_row, y_row = u[b, t, d0:d1], delta[b, t, d0:d1], D[d0:d1], y[b, t, d0:d1]
+                # Defined on both branches (a variable defined on one only stops LLVM from vectorising the loop).
+                bias_row = softplus_bias[d0:d1] if softplus_bias is not None else delta_row
+                z_row = z[b, t, d0:d1] if z is not None else u_row
                 for j in range(width):
-                    steps[j] = delta[b, t, d0 + j] + bias[d0 + j]
-                if softplus:
-                    for j in range(width):
-                        steps[j] = _softplus(steps[j])
-                if gate:
-                    for j in range(width):
-                        gates[j] = _silu(z[b, t, d0 + j])
-                for j in range(width):
-                    drives[j] = steps[j] * u[b, t, d0 + j]
-                    acc[j] = D[d0 + j] * u[b, t, d0 + j]
+                    step_j = delta_row[j]
+                    if softplus_bias is not None:
+                        step_j = _softplus(step_j + bias_row[j])
+                    steps[j] = step_j
+                    drives[j] = step_j * u_row[j]
+                    acc[j] = D_row[j] * u_row[j]
+                    if z is not None:
+                        gates[j] = _silu(z_row[j])
+                B_row, C_row = B[b, t], C[b, t]
                 for n in range(n_state):
-                    b_n, c_n = B[b, t, n], C[b, t, n]
+                    b_n, c_n = B_row[n], C_row[n]
                     for j in range(BLOCK_D):
                         h[n, j] = _exp2(steps[j] * A2[n, j]) * h[n, j] + drives[j] * b_n
                         acc[j] += h[n, j] * c_n
                 for j in range(width):
-                    y[b, t, d0 + j] = acc[j] * gates[j]
+                    y_row[j] = acc[j] * gates[j]  # gates stay 1 without z
 
 
-@njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
 def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_part, dC_part, dD_part, first, last):
     """Gradients; dA/dD per batch row (accumulated: zero them first) and dB/dC per channel block (written),
     summed by the caller in a fixed order so that the result is deterministic."""
@@ -236,7 +266,7 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
                     dC_part[blk, b, t, n] = dC_row[n]
 
 
-@njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+@njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
 def conv_forward(x, weight, bias, reverse, silu, out, first, last):
     """out (b, l, d) = depthwise conv of x with weight (k, d) plus bias, causal (anti-causal if ``reverse``), then
     SiLU if ``silu``; jobs are (batch row, block of CONV_STEPS steps)."""

@@ -71,6 +71,11 @@ def test_numba_elementwise_functions_match_libm():
     x64 = x.astype(np.float64)
     exp2 = np.array([scan_numba._exp2(v / np.float32(2)) for v in x])
     assert np.max(np.abs(exp2 / np.exp2(x64 / 2) - 1)) < 3e-7
+    # the ends of the range: clamped to the smallest normal below -126, overflow to inf above 128
+    assert scan_numba._exp2(np.float32(-1e6)) == np.float32(2.0**-126)
+    assert scan_numba._exp2(np.float32(-125.5)) == pytest.approx(2.0**-125.5, rel=3e-7)
+    assert scan_numba._exp2(np.float32(127.5)) == pytest.approx(2.0**127.5, rel=3e-7)
+    assert scan_numba._exp2(np.float32(1e6)) == np.inf
     softplus = np.array([scan_numba._softplus(v) for v in x])
     expected = np.where(x64 > 20, x64, np.log1p(np.exp(x64)))
     # float32 rounding of x·log2(e) alone costs up to |x|·6e-8 relative in e^x: 4e-6 at |x| = 60

@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/check_triton.py            # full sweep, L up to 131,072
     PYTHONPATH=. python benchmarks/check_triton.py --quick    # small shapes only
+    PYTHONPATH=. python benchmarks/check_triton.py --shard 1/3  # every third case: run the shards side by side
+                                                               # (Triton's compiles dominate and use one core each)
 
 Relative error ||out - ref|| / ||ref|| must stay under 1e-4 (fp32 inputs) or 1e-2 (bf16/fp16), for the output and
 every gradient; NaN never passes. Before each run the CUDA caching allocator is filled with NaN, so an output
@@ -26,9 +28,16 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 def poison() -> None:
     """Fill the allocator's free blocks with NaN so that unwritten output elements are caught."""
-    free = torch.cuda.mem_get_info()[0]
     blocks = [torch.full((n,), float("nan"), device="cuda") for n in (256, 4096, 1 << 18)]
-    blocks.append(torch.full((max(free // 8, 1 << 20),), float("nan"), device="cuda"))
+    size = max(torch.cuda.mem_get_info()[0] // 8, 1 << 20)  # half the free memory, in float32
+    while True:
+        try:  # a shard run beside this one may have taken it meanwhile
+            blocks.append(torch.full((size,), float("nan"), device="cuda"))
+            break
+        except torch.OutOfMemoryError:
+            if size == 1 << 20:
+                raise
+            size = max(size // 2, 1 << 20)
     del blocks
 
 
@@ -115,8 +124,8 @@ def check_norm(rows: int, width: int, dtype: torch.dtype, residual: bool) -> dic
     return errs
 
 
-def run(quick: bool) -> bool:
-    torch.manual_seed(0)
+def run(quick: bool, shard: int = 0, shards: int = 1) -> bool:
+    torch.manual_seed(shard)
     cases = []
     grad_lengths = (1, 7, 256, 257, 1000) if quick else (1, 7, 256, 257, 1000, 2048)
     for dtype, reverse, length in itertools.product((torch.float32, torch.bfloat16), (False, True), grad_lengths):
@@ -134,7 +143,7 @@ def run(quick: bool) -> bool:
     for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True)):
         cases.append(("rms_norm", dtype, res, (1000, 256), check_norm))
     ok_all = True
-    for name, dtype, flag, shape, fn in cases:
+    for name, dtype, flag, shape, fn in cases[shard::shards]:
         errs = fn(*shape, dtype, flag)
         worst = max(errs.values())
         ok = worst < TOL[dtype]  # NaN/inf compare False
@@ -148,10 +157,14 @@ def run(quick: bool) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only")
+    parser.add_argument("--shard", default="1/1", help="I/N: run every N-th case from the I-th (default: all)")
     args = parser.parse_args()
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    if not 1 <= shard <= shards:
+        sys.exit(f"--shard {args.shard}: want I/N with 1 <= I <= N")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    ok = run(args.quick)
+    ok = run(args.quick, shard - 1, shards)
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     sys.exit(0 if ok else 1)
 

@@ -119,10 +119,10 @@ def _numba_backward(u, dt, A, B, C, D, reverse, states, dy):
     batch, length, dim = u.shape
     n_blocks = -(-dim // scan_numba.BLOCK_D)
     du, ddt = torch.empty(batch, length, dim), torch.empty(batch, length, dim)
-    dA_part = torch.zeros(batch, dim, A.shape[1])
+    dA_part = torch.empty(batch, dim, A.shape[1])
     dB_part = torch.empty(n_blocks, batch, length, A.shape[1])
     dC_part = torch.empty(n_blocks, batch, length, A.shape[1])
-    dD_part = torch.zeros(batch, dim)
+    dD_part = torch.empty(batch, dim)
     args = (*_numba_arrays(u, dt, A, B, C, D), reverse, states.numpy(), *_numba_arrays(dy),
             du.numpy(), ddt.numpy(), dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy())
     _run_jobs(scan_numba.scan_backward, args, batch * n_blocks)

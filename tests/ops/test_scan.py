@@ -33,7 +33,9 @@ def scan_engine(request, monkeypatch):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("shape", [(2, 1, 5), (1, 67, 33), (2, 300, 20)])  # 300 crosses the chunk sizes
+# 300 crosses the chunk sizes; (2, 1040, 130): five chunks, three channel blocks (the last 2 wide), two threads;
+# (1, 300, 70, 5): five states, not sixteen
+@pytest.mark.parametrize("shape", [(2, 1, 5), (1, 67, 33), (2, 300, 20), (2, 1040, 130), (1, 300, 70, 5)])
 def test_fast_scan_matches_float64_reference(scan_engine, shape, reverse):
     inputs = scan_inputs(*shape)
     expected, expected_grads = run_with_grads(reference.selective_scan_reference, inputs, torch.float64, reverse)
@@ -42,6 +44,27 @@ def test_fast_scan_matches_float64_reference(scan_engine, shape, reverse):
     assert relative_error(actual, expected) <= 1e-5
     for name, grad in grads.items():
         assert relative_error(grad, expected_grads[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_numba_backward_is_the_same_on_one_or_two_threads(reverse):
+    """Jobs write their own parts, summed in a fixed order: the split over threads changes no bit."""
+    pytest.importorskip("numba")
+    inputs = scan_inputs(3, 700, 150, dtype=torch.float32)
+    assert 3 * 700 * 150 >= cpu.PARALLEL_MIN_ELEMENTS
+    u, dt, A, B, C, D = inputs["u"], inputs["delta"].abs(), inputs["A"], inputs["B"], inputs["C"], inputs["D"]
+    dy = inputs["z"]  # any output gradient
+    _, states = cpu._numba_forward(u, dt, A, B, C, D, reverse)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            grads.append(cpu._numba_backward(u, dt, A, B, C, D, reverse, states, dy))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*grads, strict=True):
+        assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -8,10 +8,10 @@ of ``TILE`` steps across all its jobs (a tile's rows stay in cache), prefetches 
 computes the softplus step and the SiLU gate itself; it saves the state at chunk boundaries only. The backward
 recomputes each chunk's states from its saved state and walks it in reverse, with the same layout.
 
-The kernels run the jobs ``first..last`` without the GIL; the caller spreads job ranges over Python
-threads. (numba's own ``parallel=True`` pool spin-waits between calls and starves PyTorch's threads:
-training a small model ran 30× slower beside it on 2 cores.) ``error_model="numpy"``: Python's
-zero-division check on ``/`` would stop LLVM from vectorising.
+The kernels run without the GIL, on Python threads that claim groups of jobs from a shared counter. (numba's own
+``parallel=True`` pool spin-waits between calls and starves PyTorch's threads: training a small model ran 30× slower
+beside it on 2 cores.) ``error_model="numpy"``: Python's zero-division check on ``/`` would stop LLVM from
+vectorising.
 """
 
 from __future__ import annotations
@@ -96,6 +96,37 @@ def _ldexp(typingctx, x, k):
             _llvm_call("llvm.ldexp.f32.i32", ir.FloatType(), ir.FloatType(), ir.IntType(32)))
 
 
+@intrinsic
+def _claim(typingctx, counter):
+    """counter[0] += 1 atomically; returns the value before."""
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", array.data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
+@njit
+def _claimed_groups(counter, group, jobs):
+    """The (first, last) job ranges of ``group`` jobs that this thread claims from the shared ``counter`` until all
+    ``jobs`` are taken: a thread on a slowed core takes fewer (this VM's two vCPUs drift apart by up to 40 %, and a
+    fixed split waits for the slower one)."""
+    while True:
+        first = _claim(counter) * group
+        if first >= jobs:
+            return
+        yield first, min(first + group, jobs)
+
+
+@njit
+def _claimed_jobs(counter, group, jobs):
+    """The jobs of ``_claimed_groups`` one by one."""
+    for first, last in _claimed_groups(counter, group, jobs):
+        for job in range(first, last):  # noqa: UP028 (numba compiles no ``yield from``)
+            yield job
+
+
 @njit(inline="always", fastmath=True, error_model="numpy")
 def _polynomial(coeffs, x: float) -> float:
     """Horner's rule, highest degree first (the tuple is unrolled at compile time)."""
@@ -147,71 +178,72 @@ def _zeros_on_cache_lines(size):
 
 
 @njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
-def scan_forward(u, delta, softplus_bias, A, B, C, D, z, reverse, y, states, save_states, first, last):
+def scan_forward(u, delta, softplus_bias, A, B, C, D, z, reverse, y, states, save_states, counter, group, jobs):
     """y (b, l, d) = (C·h + D·u) · silu(z) with dt = softplus(delta + softplus_bias); states (b, n_chunks, d, n) =
     the state before each chunk. ``softplus_bias`` None: dt = delta; ``z`` None: no gate (training applies both
     outside, under autograd). numba compiles a version per None-ness, with the branches resolved."""
     batch, length, dim = u.shape
     n_state = A.shape[1]
     n_blocks = (dim + BLOCK_D - 1) // BLOCK_D
-    n_jobs = last - first
-    grid_size = n_jobs * n_state * BLOCK_D
-    work = _zeros_on_cache_lines(2 * grid_size + 4 * BLOCK_D)
-    h_all = work[:grid_size].reshape((n_jobs, n_state, BLOCK_D))  # channels last: on the vector lanes
-    A2_all = work[grid_size:2 * grid_size].reshape((n_jobs, n_state, BLOCK_D))  # 0 on padding lanes: state stays 0
-    for i in range(n_jobs):
-        d0 = ((first + i) % n_blocks) * BLOCK_D
-        for j in range(min(BLOCK_D, dim - d0)):
-            for n in range(n_state):
-                A2_all[i, n, j] = A[d0 + j, n] * _LOG2E
-    lanes = work[2 * grid_size:].reshape((4, BLOCK_D))
-    steps, drives, acc, gates = lanes[0], lanes[1], lanes[2], lanes[3]
-    gates[:] = 1.0
-    for s0 in range(0, length, TILE):
+    for first, last in _claimed_groups(counter, group, jobs):
+        n_jobs = last - first
+        grid_size = n_jobs * n_state * BLOCK_D
+        work = _zeros_on_cache_lines(2 * grid_size + 4 * BLOCK_D)
+        h_all = work[:grid_size].reshape((n_jobs, n_state, BLOCK_D))  # channels last: on the vector lanes
+        A2_all = work[grid_size:2 * grid_size].reshape((n_jobs, n_state, BLOCK_D))  # 0 on padding lanes: state stays 0
         for i in range(n_jobs):
-            b = (first + i) // n_blocks
             d0 = ((first + i) % n_blocks) * BLOCK_D
-            d1 = min(d0 + BLOCK_D, dim)
-            width = d1 - d0
-            h, A2 = h_all[i], A2_all[i]
-            steps[width:] = 0.0
-            drives[width:] = 0.0
-            for step in range(s0, min(s0 + TILE, length)):
-                if save_states and step % CHUNK == 0:
-                    for n in range(n_state):
-                        for j in range(width):
-                            states[b, step // CHUNK, d0 + j, n] = h[n, j]
-                t = _position(step, length, reverse)
-                if step + AHEAD < length:
-                    ahead = _position(step + AHEAD, length, reverse)
-                    _prefetch(u[b, ahead, d0:d1])
-                    _prefetch(delta[b, ahead, d0:d1])
-                    _prefetch(y[b, ahead, d0:d1])
-                    if z is not None:
-                        _prefetch(z[b, ahead, d0:d1])
-                # Rows are sliced first: an index from range() is provably >= 0, so LLVM drops numba's
-                # negative-index wraparound and loads them as vectors (rows indexed with d0 + j become gathers).
-                u_row, delta_row, D_row, y_row = u[b, t, d0:d1], delta[b, t, d0:d1], D[d0:d1], y[b, t, d0:d1]
-                # Defined on both branches (a variable defined on one only stops LLVM from vectorising the loop).
-                bias_row = softplus_bias[d0:d1] if softplus_bias is not None else delta_row
-                z_row = z[b, t, d0:d1] if z is not None else u_row
-                for j in range(width):
-                    step_j = delta_row[j]
-                    if softplus_bias is not None:
-                        step_j = _softplus(step_j + bias_row[j])
-                    steps[j] = step_j
-                    drives[j] = step_j * u_row[j]
-                    acc[j] = D_row[j] * u_row[j]
-                    if z is not None:
-                        gates[j] = _silu(z_row[j])
-                B_row, C_row = B[b, t], C[b, t]
+            for j in range(min(BLOCK_D, dim - d0)):
                 for n in range(n_state):
-                    b_n, c_n = B_row[n], C_row[n]
-                    for j in range(BLOCK_D):
-                        h[n, j] = _exp2(steps[j] * A2[n, j]) * h[n, j] + drives[j] * b_n
-                        acc[j] += h[n, j] * c_n
-                for j in range(width):
-                    y_row[j] = acc[j] * gates[j]  # gates stay 1 without z
+                    A2_all[i, n, j] = A[d0 + j, n] * _LOG2E
+        lanes = work[2 * grid_size:].reshape((4, BLOCK_D))
+        steps, drives, acc, gates = lanes[0], lanes[1], lanes[2], lanes[3]
+        gates[:] = 1.0
+        for s0 in range(0, length, TILE):
+            for i in range(n_jobs):
+                b = (first + i) // n_blocks
+                d0 = ((first + i) % n_blocks) * BLOCK_D
+                d1 = min(d0 + BLOCK_D, dim)
+                width = d1 - d0
+                h, A2 = h_all[i], A2_all[i]
+                steps[width:] = 0.0
+                drives[width:] = 0.0
+                for step in range(s0, min(s0 + TILE, length)):
+                    if save_states and step % CHUNK == 0:
+                        for n in range(n_state):
+                            for j in range(width):
+                                states[b, step // CHUNK, d0 + j, n] = h[n, j]
+                    t = _position(step, length, reverse)
+                    if step + AHEAD < length:
+                        ahead = _position(step + AHEAD, length, reverse)
+                        _prefetch(u[b, ahead, d0:d1])
+                        _prefetch(delta[b, ahead, d0:d1])
+                        _prefetch(y[b, ahead, d0:d1])
+                        if z is not None:
+                            _prefetch(z[b, ahead, d0:d1])
+                    # Rows are sliced first: an index from range() is provably >= 0, so LLVM drops numba's
+                    # negative-index wraparound and loads them as vectors (rows indexed with d0 + j become gathers).
+                    u_row, delta_row, D_row, y_row = u[b, t, d0:d1], delta[b, t, d0:d1], D[d0:d1], y[b, t, d0:d1]
+                    # Defined on both branches (a variable defined on one only stops LLVM from vectorising the loop).
+                    bias_row = softplus_bias[d0:d1] if softplus_bias is not None else delta_row
+                    z_row = z[b, t, d0:d1] if z is not None else u_row
+                    for j in range(width):
+                        step_j = delta_row[j]
+                        if softplus_bias is not None:
+                            step_j = _softplus(step_j + bias_row[j])
+                        steps[j] = step_j
+                        drives[j] = step_j * u_row[j]
+                        acc[j] = D_row[j] * u_row[j]
+                        if z is not None:
+                            gates[j] = _silu(z_row[j])
+                    B_row, C_row = B[b, t], C[b, t]
+                    for n in range(n_state):
+                        b_n, c_n = B_row[n], C_row[n]
+                        for j in range(BLOCK_D):
+                            h[n, j] = _exp2(steps[j] * A2[n, j]) * h[n, j] + drives[j] * b_n
+                            acc[j] += h[n, j] * c_n
+                    for j in range(width):
+                        y_row[j] = acc[j] * gates[j]  # gates stay 1 without z
 
 
 @njit(inline="always")
@@ -223,7 +255,8 @@ def _load_step(dt_row, u_row, steps, drives) -> None:
 
 
 @njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
-def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_part, dC_part, dD_part, first, last):
+def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_part, dC_part, dD_part, counter, group,
+                  jobs):
     """Gradients; dA/dD per batch row and dB/dC per channel block, each written once by the job that owns it, dB/dC
     summed by the caller in a fixed order so that the result is deterministic.
 
@@ -242,7 +275,7 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
     lanes = work[grid_size:].reshape((6, BLOCK_D))
     steps, drives, grads, dD = lanes[0], lanes[1], lanes[2], lanes[3]
     ddt_acc, dh_B = lanes[4], lanes[5]  # Σ_n dh·A2·decay·h_prev; Σ_n dh·B, shared by du and ddt
-    for job in range(first, last):
+    for job in _claimed_jobs(counter, group, jobs):
         b = job // n_blocks
         blk = job % n_blocks
         d0 = blk * BLOCK_D
@@ -317,13 +350,13 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
 
 
 @njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
-def conv_forward(x, weight, bias, reverse, silu, out, first, last):
+def conv_forward(x, weight, bias, reverse, silu, out, counter, group, jobs):
     """out (b, l, d) = depthwise conv of x with weight (k, d) plus bias, causal (anti-causal if ``reverse``), then
     SiLU if ``silu``; jobs are (batch row, block of CONV_STEPS steps)."""
     batch, length, dim = x.shape
     k = weight.shape[0]
     n_blocks = (length + CONV_STEPS - 1) // CONV_STEPS
-    for job in range(first, last):
+    for job in _claimed_jobs(counter, group, jobs):
         b = job // n_blocks
         s0 = (job % n_blocks) * CONV_STEPS
         for t in range(s0, min(s0 + CONV_STEPS, length)):

@@ -96,9 +96,10 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caduceus-scan")
 
 
-def _numba_arrays(*tensors: torch.Tensor) -> list:
-    """Contiguous numpy views: numba's vectorised loops need unit strides (copies only strided inputs)."""
-    return [t.contiguous().numpy() for t in tensors]
+def _numba_arrays(*tensors: torch.Tensor | None) -> list:
+    """Contiguous numpy views: numba's vectorised loops need unit strides (copies only strided inputs). None stays
+    None: an optional step the kernel skips."""
+    return [None if t is None else t.contiguous().numpy() for t in tensors]
 
 
 def _numba_forward(u, delta, A, B, C, D, reverse, bias=None, z=None, softplus=False, save_states=True):
@@ -111,9 +112,7 @@ def _numba_forward(u, delta, A, B, C, D, reverse, bias=None, z=None, softplus=Fa
         bias = torch.zeros(dim) if bias is None else bias
     elif bias is not None:
         delta, bias = delta + bias, None
-    bias, z = (None if t is None else t.contiguous().numpy() for t in (bias, z))  # None: a step the kernel skips
-    args = (*_numba_arrays(u, delta), bias, *_numba_arrays(A, B, C, D), z, reverse, y.numpy(), states.numpy(),
-            save_states)
+    args = (*_numba_arrays(u, delta, bias, A, B, C, D, z), reverse, y.numpy(), states.numpy(), save_states)
     _run_jobs(scan_numba.scan_forward, args, batch * -(-dim // scan_numba.BLOCK_D))
     return y, states
 

@@ -177,6 +177,15 @@ def _zeros_on_cache_lines(size):
     return buffer[start:start + size]
 
 
+@njit(inline="always")
+def _load_rates(A, d0, A2) -> None:
+    """A2 (n, j) = A[d0 + j, n] · log2(e) for a block's channels, on the lanes (the exps are exp2); the lanes past the
+    last channel keep their zeros."""
+    for j in range(min(A2.shape[1], A.shape[0] - d0)):
+        for n in range(A.shape[1]):
+            A2[n, j] = A[d0 + j, n] * _LOG2E
+
+
 @njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
 def scan_forward(u, delta, softplus_bias, A, B, C, D, z, reverse, y, states, save_states, counter, group, jobs):
     """y (b, l, d) = (C·h + D·u) · silu(z) with dt = softplus(delta + softplus_bias); states (b, n_chunks, d, n) =
@@ -192,10 +201,7 @@ def scan_forward(u, delta, softplus_bias, A, B, C, D, z, reverse, y, states, sav
         h_all = work[:grid_size].reshape((n_jobs, n_state, BLOCK_D))  # channels last: on the vector lanes
         A2_all = work[grid_size:2 * grid_size].reshape((n_jobs, n_state, BLOCK_D))  # 0 on padding lanes: state stays 0
         for i in range(n_jobs):
-            d0 = ((first + i) % n_blocks) * BLOCK_D
-            for j in range(min(BLOCK_D, dim - d0)):
-                for n in range(n_state):
-                    A2_all[i, n, j] = A[d0 + j, n] * _LOG2E
+            _load_rates(A, ((first + i) % n_blocks) * BLOCK_D, A2_all[i])
         lanes = work[2 * grid_size:].reshape((4, BLOCK_D))
         steps, drives, acc, gates = lanes[0], lanes[1], lanes[2], lanes[3]
         gates[:] = 1.0
@@ -285,9 +291,7 @@ def scan_backward(u, dt, A, B, C, D, reverse, states, dy, du, ddt, dA_part, dB_p
             array[:] = 0.0
         for row in (steps, drives, grads, dD):
             row[:] = 0.0
-        for j in range(width):
-            for n in range(n_state):
-                A2[n, j] = A[d0 + j, n] * _LOG2E
+        _load_rates(A, d0, A2)
         for chunk in range(n_chunks - 1, -1, -1):
             s0 = chunk * CHUNK
             size = min(CHUNK, length - s0)

@@ -99,14 +99,18 @@ SWEEP_FWD = [{"U": 4, "depth": 1, "U_idle": 4, "depth_idle": 3, "mufu": True},
              {"U": 8, "depth": 1, "U_idle": 8, "depth_idle": 1, "mufu": True},
              {"U": 4, "depth": 2, "U_idle": 4, "depth_idle": 2, "mufu": True},
              {"U": 4, "depth": 1, "U_idle": 4, "depth_idle": 3, "mufu": False}]
-SWEEP_BWD = [{"SUB": 4, "programs": 4096, "mufu": True}, {"SUB": 4, "programs": 2048, "mufu": True},
-             {"SUB": 4, "programs": 4096, "mufu": False}, {"SUB": 2, "programs": 4096, "mufu": True}]
+SWEEP_BWD = [{"SUB": 4, "programs": 4096, "mufu": True, "prefetch": 2},
+             {"SUB": 4, "programs": 4096, "mufu": True, "prefetch": 0},
+             {"SUB": 4, "programs": 4096, "mufu": True, "prefetch": 4},
+             {"SUB": 4, "programs": 2048, "mufu": True, "prefetch": 2},
+             {"SUB": 2, "programs": 4096, "mufu": True, "prefetch": 2}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str) -> list[dict]:
     """Launch configurations (scan.FWD_CONFIG, scan.BWD_CONFIG) of the forward or the backward at one shape: steps
-    per prefetched block U and blocks loaded ahead (with many or few programs) or piece length SUB, the number of
-    programs that time segments make up to, the MUFU log2 and reciprocal on or off. The first entry is the default."""
+    per prefetched block U and blocks loaded ahead (with many or few programs) or piece length SUB and L2 prefetch
+    distance in pieces, the number of programs that time segments make up to, the MUFU log2 and reciprocal on or off.
+    The first entry is the default."""
     config, configs = ((triton_scan.FWD_CONFIG, SWEEP_FWD) if direction == "fwd"
                        else (triton_scan.BWD_CONFIG, SWEEP_BWD))
     rows = []

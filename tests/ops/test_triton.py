@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from caduceus import ops  # noqa: E402
 from caduceus.ops import reference  # noqa: E402
-from caduceus.ops.triton import causal_conv1d, causal_conv1d_silu, rms_norm, selective_scan  # noqa: E402
+from caduceus.ops.triton import causal_conv1d, causal_conv1d_silu, rms_norm, scan, selective_scan  # noqa: E402
 from tests.conftest import REFERENCE_MODELS, load_reference  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -68,6 +68,48 @@ def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
     for leaf, r in zip(leaves, refs):
         if leaf is not None:
             assert _rel(leaf.grad, r.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("n_seg", [1, 31, 32, 33, 70])
+def test_chain_segments(reverse, n_seg) -> None:
+    """The parallel chaining of time segments against the sequential recurrence, over one or several tiles."""
+    torch.manual_seed(n_seg)
+    seg = torch.randn(2, n_seg, 5, 16, device="cuda")
+    seg_dt = torch.rand(2, n_seg, 5, device="cuda") * 2
+    A = -torch.rand(5, 16, device="cuda")
+    expected = torch.empty_like(seg)
+    received = torch.zeros(2, 5, 16, device="cuda")
+    for k in range(n_seg - 1, -1, -1) if reverse else range(n_seg):
+        expected[:, k] = received
+        received = torch.exp(seg_dt[:, k, :, None] * A) * received + seg[:, k]
+    assert _rel(scan._chain_segments(seg, seg_dt, A, reverse), expected) < 1e-5
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_selective_scan_many_segments(reverse, monkeypatch) -> None:
+    """Time cut into 40 segments (more than one tile of the chaining kernel) in the forward and the backward."""
+    for config in (scan.FWD_CONFIG, scan.BWD_CONFIG):
+        monkeypatch.setitem(config, "cut_below", 1 << 30)
+        monkeypatch.setitem(config, "programs", 80)
+    torch.manual_seed(40)
+    batch, length, dim, n = 1, 40 * scan.CHUNK, 32, 16
+    args = [torch.randn(batch, length, dim, device="cuda"), torch.randn(batch, length, dim, device="cuda") * 0.5,
+            -torch.rand(dim, n, device="cuda") * n, torch.randn(batch, length, n, device="cuda"),
+            torch.randn(batch, length, n, device="cuda"), torch.randn(dim, device="cuda"),
+            torch.randn(batch, length, dim, device="cuda"), torch.randn(dim, device="cuda") - 3]
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    refs = [a.double().requires_grad_(True) for a in args]
+    _poison()
+    out = selective_scan(*leaves[:7], delta_bias=leaves[7], reverse=reverse)
+    ref = reference.selective_scan_reference(*refs[:7], delta_bias=refs[7], delta_softplus=True, reverse=reverse)
+    assert _rel(out, ref) < TOL[torch.float32]
+    grad = torch.randn_like(ref)
+    _poison()
+    out.backward(grad.float())
+    ref.backward(grad)
+    for leaf, r in zip(leaves, refs):
+        assert _rel(leaf.grad, r.grad) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,7 +8,7 @@ backward walks the chunks in reverse, recomputes each ``SUB``-step piece into re
 reverse step needs no exp of its own) and runs the adjoint back over it. dB and dC are summed over the program's
 channels (a shuffle reduce-scatter), written per channel block and summed in a fixed order. Both directions cut time
 into segments run in parallel when (batch, channel block) programs are too few: state (forward) or adjoint
-(backward) is passed between segments by a small chaining kernel.
+(backward) is passed between segments by a small chaining kernel (a parallel scan over the segments).
 
 Per-step instruction count is what the kernels are tuned on (read from the sm_90 SASS): the time strides are
 constexprs (row offsets within a block become immediates), only the last blocks carry step masks, every per-channel
@@ -35,10 +35,12 @@ CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 o
 # U: steps per prefetched block; depth: blocks loaded ahead. mufu: softplus' log2 and the sigmoid's reciprocal as
 # single MUFU instructions instead of FMA-pipe sequences. From ``busy`` forward programs on (several warps per SM
 # sub-partition) other warps hide the loads' latency and the fewest registers win (depth 1); with fewer programs (about
-# one warp per sub-partition) each warp must hide it itself: depth 3 ("_idle" keys). See BENCHMARKS.md, GPU (H100).
+# one warp per sub-partition) each warp must hide it itself: depth 3 ("_idle" keys). The backward holds no prefetched
+# blocks (its registers are at the cap); instead it asks L2 for the rows ``prefetch`` pieces ahead of their loads.
+# See BENCHMARKS.md, GPU (H100).
 FWD_CONFIG = {"BD": 16, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4, "depth": 1,
               "U_idle": 4, "depth_idle": 3, "mufu": True}
-BWD_CONFIG = {"BD": 16, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True}
+BWD_CONFIG = {"BD": 16, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True, "prefetch": 2}
 
 
 @triton.jit
@@ -97,6 +99,18 @@ def _walk(pid_b, i, L, s_b, s_l, REVERSE: tl.constexpr):
     """Offset of walk step i: time i, or L-1-i when reverse."""
     t = (L - 1 - i) if REVERSE else i
     return pid_b.to(tl.int64) * s_b + t.to(tl.int64) * s_l
+
+
+@triton.jit
+def _prefetch(ptr, pid_b, i0, L, s_b, s_l, offs, REVERSE: tl.constexpr, STEPS: tl.constexpr):
+    """Ask L2 for the rows of walk steps i0..i0+STEPS-1 (clamped to the sequence). Unlike a load, a prefetch holds no
+    register until its data arrive, so the backward's loops, whose registers are spoken for, can ask pieces ahead."""
+    if PTX:
+        for j in tl.static_range(STEPS):
+            i = tl.minimum(tl.maximum(i0 + j, 0), L - 1)
+            addr = (ptr + _walk(pid_b, i, L, s_b, s_l, REVERSE) + offs).to(tl.int64, bitcast=True)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.b32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                                      is_pure=False, pack=1)
 
 
 @triton.jit
@@ -459,7 +473,7 @@ def _scan_bwd_kernel(
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, SHFL: tl.constexpr,
+    COLS: tl.constexpr, SHFL: tl.constexpr, PF: tl.constexpr,
 ):
     """Gradients for one (batch row, channel block, segment of SEG walk steps, a multiple of CHUNK). du, ddt, dz share
     dout's (b, l, d) strides; the dB and dC partials are (b, channel block, l, 2N) (dB then dC); dA (b, segment, d,
@@ -490,11 +504,20 @@ def _scan_bwd_kernel(
         dh = tl.load(seg_adj, mask=mask_dn, other=0.0)
     else:
         dh = tl.zeros([NV, N // NV, BD], tl.float32)
+    # Prefetch addresses of B and C rows: the first and last state, so that both 32-byte sectors of a bf16 row come.
+    pf_bc = (tl.arange(0, BD) % 2) * (N - 1)
     if ADJ_ONLY:
         dt_sum = tl.zeros([BD], tl.float32)
         n_sub = tl.cdiv(end - start, SUB)
         for s_rev in range(n_sub):
             i0 = start + (n_sub - 1 - s_rev) * SUB
+            if PF > 0:
+                i_pf = i0 - PF * SUB
+                _prefetch(dt_ptr, pid_b, i_pf, L, s_tb, s_tl, offs_d, REVERSE, SUB)
+                _prefetch(dout_ptr, pid_b, i_pf, L, s_gb, s_gl, offs_d, REVERSE, SUB)
+                _prefetch(C_ptr, pid_b, i_pf, L, s_Cb, s_Cl, pf_bc, REVERSE, SUB)
+                if HAS_Z:
+                    _prefetch(z_ptr, pid_b, i_pf, L, s_zb, s_zl, offs_d, REVERSE, SUB)
             if i0 + SUB <= L:
                 dh, dt_sum = _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb,
                                         s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB, HAS_Z,
@@ -534,6 +557,11 @@ def _scan_bwd_kernel(
             n_sub = tl.cdiv(tl.minimum(CHUNK, L - c * CHUNK), SUB)
             for s in range(n_sub):
                 i0 = c * CHUNK + s * SUB
+                if PF > 0:
+                    i_pf = i0 + PF * SUB
+                    _prefetch(u_ptr, pid_b, i_pf, L, s_ub, s_ul, offs_d, REVERSE, SUB)
+                    _prefetch(dt_ptr, pid_b, i_pf, L, s_tb, s_tl, offs_d, REVERSE, SUB)
+                    _prefetch(B_ptr, pid_b, i_pf, L, s_Bb, s_Bl, pf_bc, REVERSE, SUB)
                 _store_states(scratch + s * BD * N, h, ones, SHFL)
                 if i0 + SUB <= L:
                     h = _recompute_piece(h, pid_b, i0, L, u_ptr, dt_ptr, B_ptr, s_ub, s_ul, s_tb, s_tl, s_Bb, s_Bl,
@@ -545,6 +573,15 @@ def _scan_bwd_kernel(
             for s_rev in range(n_sub):
                 s = n_sub - 1 - s_rev
                 i0 = c * CHUNK + s * SUB
+                if PF > 0:
+                    i_pf = i0 - PF * SUB
+                    _prefetch(u_ptr, pid_b, i_pf, L, s_ub, s_ul, offs_d, REVERSE, SUB)
+                    _prefetch(dt_ptr, pid_b, i_pf, L, s_tb, s_tl, offs_d, REVERSE, SUB)
+                    _prefetch(dout_ptr, pid_b, i_pf, L, s_gb, s_gl, offs_d, REVERSE, SUB)
+                    _prefetch(B_ptr, pid_b, i_pf, L, s_Bb, s_Bl, pf_bc, REVERSE, SUB)
+                    _prefetch(C_ptr, pid_b, i_pf, L, s_Cb, s_Cl, pf_bc, REVERSE, SUB)
+                    if HAS_Z:
+                        _prefetch(z_ptr, pid_b, i_pf, L, s_zb, s_zl, offs_d, REVERSE, SUB)
                 h = tl.load(scratch + s * BD * N)
                 if i0 + SUB <= L:
                     dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
@@ -564,29 +601,49 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
-def _chain_kernel(seg_ptr, seg_dt_ptr, A_ptr, S, DIM, N: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
-    """In place over one batch row's S segments (b, S, d, n): seg[k] holds what segment k passes on from a zero start
-    (its end state, or with ``REVERSE`` the adjoint at its start); it becomes what segment k receives. A segment
-    decays what passes through it by exp(A * its sum of dt), so in walk order r_next = decay[k] * r[k] + seg[k]."""
+def _compose(a1, b1, a2, b2):
+    """The map x -> a2 * (a1 * x + b1) + b2: two segments passed through one after the other."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _chain_kernel(seg_ptr, seg_dt_ptr, recv_ptr, A_ptr, S, DIM, N: tl.constexpr, SB: tl.constexpr,
+                  BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Over one batch row's S segments (b, S, d, n): seg[k] holds what segment k passes on from a zero start (its end
+    state, or with ``REVERSE`` the adjoint at its start); recv[k] gets what segment k receives. A segment decays what
+    passes through it by exp(A * its sum of dt), so in walk order r[k + 1] = decay[k] * r[k] + seg[k]: a linear
+    recurrence, scanned in parallel over tiles of SB segments (element i of a tile holds segment i - 1's map, so the
+    scan gives what segment i receives)."""
     pid_b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # d * N + n
     mask = offs < DIM * N
     A2 = tl.load(A_ptr + offs, mask=mask, other=0.0) * LOG2E
-    r = tl.zeros([BLOCK], tl.float32)
-    for i in range(S):
-        k = (S - 1 - i) if REVERSE else i
-        row = pid_b * S + k
-        ptr = seg_ptr + row.to(tl.int64) * DIM * N + offs
-        passed = tl.load(ptr, mask=mask, other=0.0)
-        dt_sum = tl.load(seg_dt_ptr + row * DIM + offs // N, mask=mask, other=0.0)
-        tl.store(ptr, r, mask=mask)
-        r = tl.exp2(dt_sum * A2) * r + passed
+    r = tl.zeros([BLOCK], tl.float32)  # what the tile's first segment's predecessor received
+    walk = tl.arange(0, SB)
+    for i0 in range(0, S, SB):
+        i = i0 + walk
+        prev = i - 1
+        rows = pid_b * S + ((S - 1 - prev) if REVERSE else prev)
+        ok = (prev >= 0)[:, None] & (i < S)[:, None] & mask[None, :]
+        passed = tl.load(seg_ptr + rows.to(tl.int64)[:, None] * DIM * N + offs[None, :], mask=ok, other=0.0)
+        dt_sum = tl.load(seg_dt_ptr + (rows * DIM)[:, None] + offs[None, :] // N, mask=ok, other=0.0)
+        decay = tl.where(ok, tl.exp2(dt_sum * A2[None, :]), 1.0)
+        a, b = tl.associative_scan((decay, passed), 0, _compose)
+        recv = a * r[None, :] + b
+        out_rows = pid_b * S + ((S - 1 - i) if REVERSE else i)
+        tl.store(recv_ptr + out_rows.to(tl.int64)[:, None] * DIM * N + offs[None, :], recv,
+                 mask=(i < S)[:, None] & mask[None, :])
+        r = tl.sum(tl.where((walk == SB - 1)[:, None], recv, 0.0), axis=0)
 
 
-def _chain_segments(seg: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor, reverse: bool) -> None:
+def _chain_segments(seg: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """What each segment receives (see _chain_kernel), as a new (b, S, d, n) tensor."""
     batch, n_seg, dim, n = seg.shape
-    block = 1024
-    _chain_kernel[(batch, triton.cdiv(dim * n, block))](seg, seg_dt, A, n_seg, dim, N=n, BLOCK=block, REVERSE=reverse)
+    recv = torch.empty_like(seg)
+    block, tile = 64, 32
+    _chain_kernel[(batch, triton.cdiv(dim * n, block))](seg, seg_dt, recv, A, n_seg, dim, N=n, SB=tile, BLOCK=block,
+                                                         REVERSE=reverse, num_warps=4)
+    return recv
 
 
 def _segments(length: int, programs: int, cfg: dict) -> tuple[int, int]:
@@ -649,7 +706,7 @@ class SelectiveScanFn(torch.autograd.Function):
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
 
-        def launch(save_states: bool, state_only: bool, has_init: bool) -> None:
+        def launch(seg_state: torch.Tensor, save_states: bool, state_only: bool, has_init: bool) -> None:
             _scan_fwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if D_ is not None else A, z if z is not None else u,
                 bias if bias is not None else A, out, states, seg_state, seg_dt, length, dim, seg_len, 1,
@@ -663,9 +720,9 @@ class SelectiveScanFn(torch.autograd.Function):
 
         if length > 0:
             if n_seg > 1:
-                launch(False, True, False)
-                _chain_segments(seg_state, seg_dt, A, reverse=False)
-            launch(save, False, n_seg > 1)
+                launch(seg_state, False, True, False)
+                seg_state = _chain_segments(seg_state, seg_dt, A, reverse=False)
+            launch(seg_state, save, False, n_seg > 1)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D_, z, bias, states)
             ctx.flags = (D is not None, z is not None, delta_bias is not None, bool(delta_softplus), bool(reverse))
@@ -694,7 +751,7 @@ class SelectiveScanFn(torch.autograd.Function):
         seg_dt = torch.empty(batch, n_seg, dim, **f32)
         scratch = torch.empty(batch * n_blocks * n_seg * (CHUNK // cfg["SUB"]) * cfg["BD"] * n, **f32)
 
-        def launch(adj_only: bool, has_init: bool) -> None:
+        def launch(seg_adj: torch.Tensor, adj_only: bool, has_init: bool) -> None:
             _scan_bwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if has_d else A, z if has_z else u, bias if has_bias else A, dout, states,
                 scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dBC,
@@ -702,24 +759,25 @@ class SelectiveScanFn(torch.autograd.Function):
                 N=n, NV=min(n, 8), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, SHFL=_lanes_known(B, C, n, dim, cfg),
-                num_warps=cfg["num_warps"],
+                PF=cfg["prefetch"], num_warps=cfg["num_warps"],
             )
 
         if length > 0:
             if n_seg > 1:
-                launch(True, False)
-                _chain_segments(seg_adj, seg_dt, A, reverse=True)
-            launch(False, n_seg > 1)
+                launch(seg_adj, True, False)
+                seg_adj = _chain_segments(seg_adj, seg_dt, A, reverse=True)
+            launch(seg_adj, False, n_seg > 1)
         else:
             for t in (dA, dD, dbias, dBC):
                 t.zero_()
         d_dtype, bias_dtype = ctx.dtypes
+        dBC = dBC.sum(1)  # one pass over the channel blocks' partials for dB and dC together
         return (
             du,
             ddelta,
             dA.sum((0, 1)),
-            dBC[..., :n].sum(1).to(B.dtype),
-            dBC[..., n:].sum(1).to(C.dtype),
+            dBC[..., :n].to(B.dtype),
+            dBC[..., n:].to(C.dtype),
             dD.sum((0, 1)).to(d_dtype) if has_d else None,
             dz,
             dbias.sum((0, 1)).to(bias_dtype) if has_bias else None,

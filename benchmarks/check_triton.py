@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/check_triton.py --quick    # small shapes only
     PYTHONPATH=. python benchmarks/check_triton.py --shard 1/3  # every third case: run the shards side by side
                                                                # (Triton's compiles dominate and use one core each)
+    PYTHONPATH=. python benchmarks/check_triton.py --only "scan fwd"  # the cases of that name (then sharded)
 
 Relative error ||out - ref|| / ||ref|| must stay under 1e-4 (fp32 inputs) or 1e-2 (bf16/fp16), for the output and
 every gradient; NaN never passes. Before each run the CUDA caching allocator is filled with NaN, so an output
@@ -124,7 +125,7 @@ def check_norm(rows: int, width: int, dtype: torch.dtype, residual: bool) -> dic
     return errs
 
 
-def run(quick: bool, shard: int = 0, shards: int = 1) -> bool:
+def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -> bool:
     torch.manual_seed(shard)
     cases = []
     grad_lengths = (1, 7, 256, 257, 1000) if quick else (1, 7, 256, 257, 1000, 2048)
@@ -142,6 +143,10 @@ def run(quick: bool, shard: int = 0, shards: int = 1) -> bool:
         cases.append(("conv", dtype, reverse, (3, 1000, 236), check_conv))
     for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True)):
         cases.append(("rms_norm", dtype, res, (1000, 256), check_norm))
+    if only is not None:
+        cases = [case for case in cases if case[0] == only]
+        if not cases:
+            sys.exit(f"--only {only!r}: no case of that name")
     ok_all = True
     for name, dtype, flag, shape, fn in cases[shard::shards]:
         errs = fn(*shape, dtype, flag)
@@ -158,13 +163,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only")
     parser.add_argument("--shard", default="1/1", help="I/N: run every N-th case from the I-th (default: all)")
+    parser.add_argument("--only", help="run only the cases of this name ('scan', 'scan fwd', 'conv', ...)")
     args = parser.parse_args()
     shard, shards = (int(v) for v in args.shard.split("/"))
     if not 1 <= shard <= shards:
         sys.exit(f"--shard {args.shard}: want I/N with 1 <= I <= N")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    ok = run(args.quick, shard - 1, shards)
+    ok = run(args.quick, shard - 1, shards, args.only)
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     sys.exit(0 if ok else 1)
 

@@ -37,7 +37,7 @@ CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 o
 # sub-partition) other warps hide the loads' latency and the fewest registers win (depth 1); with fewer programs (about
 # one warp per sub-partition) each warp must hide it itself: depth 3 ("_idle" keys). The backward holds no prefetched
 # blocks (its registers are at the cap); instead it asks L2 for the rows ``prefetch`` pieces ahead of their loads.
-# See BENCHMARKS.md, GPU (H100).
+# See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4, "depth": 1,
               "U_idle": 4, "depth_idle": 3, "mufu": True}
 BWD_CONFIG = {"BD": 16, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True, "prefetch": 2}

@@ -1,0 +1,129 @@
+"""sm_90 machine code of the Triton scan kernels, compiled here without a GPU: registers, spills and, per loop,
+instructions and MUFU operations (what the kernels are tuned on, see caduceus/ops/triton/scan.py).
+
+    PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--sass DIR]
+
+Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
+device (an H100: sm_90), and launches compile without running. The scan is called on CPU tensors as the model
+would call it (bf16 u, delta, z; B and C slices of one x_proj output), forward and backward, so each kernel is
+compiled with the specialisation it gets on the GPU (with no cut into time segments unless the shape asks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+class OfflineDriver:
+    """Enough of a Triton driver to compile for an sm_90 device that is not there."""
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+LABELS = ("STATE_ONLY", "ADJ_ONLY", "HAS_INIT", "U", "DEPTH", "SUB")
+
+
+def compile_scan(batch: int, length: int, dim: int, n: int = 16) -> dict[str, object]:
+    """The compiled kernels of one forward and backward of the scan, by kernel name and the flags that tell the
+    launches of one kernel apart."""
+    kernels: dict[str, object] = {}
+    run = jit.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        flags = " ".join(f"{k}={int(kwargs[k])}" for k in LABELS if k in kwargs)
+        kernels.setdefault(f"{self.fn.__name__} {flags}".strip(), kernel)
+        return kernel
+
+    driver.set_active(OfflineDriver())
+    jit.JITFunction.run = compile_only
+    try:
+        from caduceus.ops.triton import scan
+
+        bf16 = torch.bfloat16
+        bc = torch.randn(batch, length, 2 * n + 16, dtype=bf16)
+        args = [torch.randn(batch, length, dim, dtype=bf16), torch.randn(batch, length, dim, dtype=bf16),
+                -torch.rand(dim, n), bc[..., 16:16 + n], bc[..., 16 + n:], torch.randn(dim),
+                torch.randn(batch, length, dim, dtype=bf16), torch.randn(dim)]
+        leaves = [a.detach().requires_grad_(True) for a in args]
+        scan.selective_scan(*leaves).backward(torch.randn(batch, length, dim, dtype=bf16))
+    finally:
+        jit.JITFunction.run = run  # the stand-in driver stays: there is no real one to return to
+    return kernels
+
+
+def loops(sass: str) -> list[tuple[int, int, int]]:
+    """(first address, instructions, MUFU operations) of each innermost loop: a backward branch with no other
+    backward branch inside its body."""
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    branches = []
+    for addr, op in code:
+        m = re.search(r"\bBRA\b.*?`?\(?\.L_x_(\d+)", op)
+        if m:
+            label = re.search(rf"\.L_x_{m.group(1)}:\s*\n\s*/\*([0-9a-f]+)\*/", sass)
+            if label and int(label.group(1), 16) <= addr:
+                branches.append((int(label.group(1), 16), addr))
+    inner = [(s, e) for s, e in branches if not any(s < s2 <= e2 < e or s <= s2 <= e2 < e and (s2, e2) != (s, e)
+                                                     for s2, e2 in branches)]
+    out = []
+    for s, e in sorted(set(inner)):
+        body = [op for a, op in code if s <= a <= e]
+        out.append((s, len(body), sum(op.split()[0].startswith("MUFU") or " MUFU" in op for op in body)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
+    args = parser.parse_args()
+    kernels = compile_scan(args.batch, args.length, args.dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kernel in kernels.items():
+            file = re.sub(r"[^A-Za-z0-9_=]+", "_", name)
+            cubin = os.path.join(tmp, file + ".cubin")
+            with open(cubin, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", cubin],
+                                   capture_output=True, text=True, check=True).stdout
+            regs = re.search(r"REG:(\d+)", usage).group(1)
+            spill = re.search(r"STACK:(\d+)", usage).group(1)
+            sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                                  check=True).stdout
+            if args.sass:
+                os.makedirs(args.sass, exist_ok=True)
+                with open(os.path.join(args.sass, file + ".sass"), "w") as f:
+                    f.write(sass)
+                with open(os.path.join(args.sass, file + ".ptx"), "w") as f:
+                    f.write(kernel.asm["ptx"])
+            print(f"{name}: {regs} registers, stack {spill} bytes")
+            for start, count, mufu in loops(sass):
+                if count >= 40:
+                    print(f"  loop at {start:#06x}: {count} instructions, {mufu} MUFU")
+
+
+if __name__ == "__main__":
+    main()

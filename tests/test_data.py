@@ -73,7 +73,8 @@ def test_non_acgt_becomes_pad_and_case_is_ignored(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"", "empty"), (b">only_a_header\n", "no sequence"), (gzip.compress(b">c\nACGT\n"), "bgzip")],
+    [(b"", "empty"), (b">only_a_header\n", "no sequence"), (gzip.compress(b">c\nACGT\n", mtime=0), "bgzip")],
+    ids=["empty", "header only", "plain gzip"],  # stable ids: pytest-xdist workers must collect the same tests
 )
 def test_unusable_fasta_is_refused(tmp_path, content, message):
     path = tmp_path / ("bad.fa.gz" if content.startswith(b"\x1f\x8b") else "bad.fa")

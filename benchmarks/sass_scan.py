@@ -1,7 +1,7 @@
 """sm_90 machine code of the Triton scan kernels, compiled here without a GPU: registers, spills and, per loop,
 instructions and MUFU operations (what the kernels are tuned on, see caduceus/ops/triton/scan.py).
 
-    PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--sass DIR]
+    PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--file scan.py] [--sass DIR]
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
 device (an H100: sm_90), and launches compile without running. The scan is called on CPU tensors as the model
@@ -12,6 +12,7 @@ compiled with the specialisation it gets on the GPU (with no cut into time segme
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -44,7 +45,19 @@ class OfflineDriver:
 LABELS = ("STATE_ONLY", "ADJ_ONLY", "HAS_INIT", "U", "DEPTH", "SUB")
 
 
-def compile_scan(batch: int, length: int, dim: int, n: int = 16) -> dict[str, object]:
+def load_scan(path: str | None):
+    """The package's scan module, or another copy of scan.py (a variant under study) loaded as its own module."""
+    if path is None:
+        from caduceus.ops.triton import scan
+
+        return scan
+    spec = importlib.util.spec_from_file_location("scan_variant", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | None = None) -> dict[str, object]:
     """The compiled kernels of one forward and backward of the scan, by kernel name and the flags that tell the
     launches of one kernel apart."""
     kernels: dict[str, object] = {}
@@ -59,8 +72,7 @@ def compile_scan(batch: int, length: int, dim: int, n: int = 16) -> dict[str, ob
     driver.set_active(OfflineDriver())
     jit.JITFunction.run = compile_only
     try:
-        from caduceus.ops.triton import scan
-
+        scan = load_scan(path)
         bf16 = torch.bfloat16
         bc = torch.randn(batch, length, 2 * n + 16, dtype=bf16)
         args = [torch.randn(batch, length, dim, dtype=bf16), torch.randn(batch, length, dim, dtype=bf16),
@@ -98,9 +110,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--file", help="compile this copy of scan.py instead of the package's")
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
     args = parser.parse_args()
-    kernels = compile_scan(args.batch, args.length, args.dim)
+    kernels = compile_scan(args.batch, args.length, args.dim, path=args.file)
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel in kernels.items():
             file = re.sub(r"[^A-Za-z0-9_=]+", "_", name)

@@ -95,27 +95,36 @@ def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n
     }
 
 
-SWEEP_FWD = [{"U": 4, "depth": 1, "U_idle": 4, "depth_idle": 3, "mufu": True},
-             {"U": 8, "depth": 1, "U_idle": 8, "depth_idle": 1, "mufu": True},
-             {"U": 4, "depth": 2, "U_idle": 4, "depth_idle": 2, "mufu": True},
-             {"U": 4, "depth": 1, "U_idle": 4, "depth_idle": 3, "mufu": False}]
-SWEEP_BWD = [{"SUB": 4, "programs": 4096, "mufu": True, "prefetch": 2},
-             {"SUB": 4, "programs": 4096, "mufu": True, "prefetch": 0},
-             {"SUB": 4, "programs": 4096, "mufu": True, "prefetch": 4},
-             {"SUB": 4, "programs": 2048, "mufu": True, "prefetch": 2},
-             {"SUB": 2, "programs": 4096, "mufu": True, "prefetch": 2}]
+# Changes from the default configuration (the empty entry). The 8-channel, 4-state tiles (BD 8, NV 4) give the
+# forward 2 warps per SM sub-partition at B = 16, D = 512 and 125 registers instead of 235 (benchmarks/sass_scan.py);
+# pred_store makes its loop body one basic block.
+SWEEP_FWD = [{},
+             {"U": 8, "depth": 1, "U_idle": 8, "depth_idle": 1},
+             {"U": 4, "depth": 2, "U_idle": 4, "depth_idle": 2},
+             {"mufu": False},
+             {"pred_store": True},
+             {"BD": 8, "NV": 4},
+             {"BD": 8, "NV": 4, "pred_store": True},
+             {"BD": 8, "NV": 4, "pred_store": True, "U_idle": 8, "depth_idle": 2}]
+SWEEP_BWD = [{},
+             {"prefetch": 0},
+             {"prefetch": 4},
+             {"programs": 2048},
+             {"SUB": 2}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str) -> list[dict]:
     """Launch configurations (scan.FWD_CONFIG, scan.BWD_CONFIG) of the forward or the backward at one shape: steps
     per prefetched block U and blocks loaded ahead (with many or few programs) or piece length SUB and L2 prefetch
     distance in pieces, the number of programs that time segments make up to, the MUFU log2 and reciprocal on or off.
-    The first entry is the default."""
+    The forward also tries other tiles (channels per program, states per thread) and a branch-free loop body. Each
+    entry is a change from the default; the first is the default itself."""
     config, configs = ((triton_scan.FWD_CONFIG, SWEEP_FWD) if direction == "fwd"
                        else (triton_scan.BWD_CONFIG, SWEEP_BWD))
     rows = []
     default = dict(config)
     for cfg in configs:
+        config.update(default)
         config.update(cfg)
         row = bench_scan(*shape, exp_rate, bandwidth)
         row.update(direction=direction, config=dict(config))

@@ -1,17 +1,19 @@
 """sm_90 machine code of the Triton scan kernels, compiled here without a GPU: registers, spills and, per loop,
 instructions and MUFU operations (what the kernels are tuned on, see caduceus/ops/triton/scan.py).
 
-    PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--file scan.py] [--sass DIR]
+    PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--dtype bfloat16]
+                                                [--set KEY=VALUE ...] [--file scan.py] [--sass DIR]
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
 device (an H100: sm_90), and launches compile without running. The scan is called on CPU tensors as the model
-would call it (bf16 u, delta, z; B and C slices of one x_proj output), forward and backward, so each kernel is
+would call it (u, delta, z of ``--dtype``; B and C slices of one x_proj output), forward and backward, so each kernel is
 compiled with the specialisation it gets on the GPU (with no cut into time segments unless the shape asks).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import os
 import re
@@ -57,9 +59,10 @@ def load_scan(path: str | None):
     return module
 
 
-def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | None = None) -> dict[str, object]:
+def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | None = None,
+                 dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> dict[str, object]:
     """The compiled kernels of one forward and backward of the scan, by kernel name and the flags that tell the
-    launches of one kernel apart."""
+    launches of one kernel apart. ``config``: FWD_CONFIG entries to change (``bwd_`` before a key: BWD_CONFIG's)."""
     kernels: dict[str, object] = {}
     run = jit.JITFunction.run
 
@@ -73,13 +76,15 @@ def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | Non
     jit.JITFunction.run = compile_only
     try:
         scan = load_scan(path)
-        bf16 = torch.bfloat16
-        bc = torch.randn(batch, length, 2 * n + 16, dtype=bf16)
-        args = [torch.randn(batch, length, dim, dtype=bf16), torch.randn(batch, length, dim, dtype=bf16),
+        for key, value in (config or {}).items():
+            target = scan.BWD_CONFIG if key.startswith("bwd_") else scan.FWD_CONFIG
+            target[key.removeprefix("bwd_")] = value
+        bc = torch.randn(batch, length, 2 * n + 16, dtype=dtype)
+        args = [torch.randn(batch, length, dim, dtype=dtype), torch.randn(batch, length, dim, dtype=dtype),
                 -torch.rand(dim, n), bc[..., 16:16 + n], bc[..., 16 + n:], torch.randn(dim),
-                torch.randn(batch, length, dim, dtype=bf16), torch.randn(dim)]
+                torch.randn(batch, length, dim, dtype=dtype), torch.randn(dim)]
         leaves = [a.detach().requires_grad_(True) for a in args]
-        scan.selective_scan(*leaves).backward(torch.randn(batch, length, dim, dtype=bf16))
+        scan.selective_scan(*leaves).backward(torch.randn(batch, length, dim, dtype=dtype))
     finally:
         jit.JITFunction.run = run  # the stand-in driver stays: there is no real one to return to
     return kernels
@@ -110,10 +115,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a FWD_CONFIG entry (bwd_KEY: BWD_CONFIG's), e.g. --set BD=8 --set NV=4")
     parser.add_argument("--file", help="compile this copy of scan.py instead of the package's")
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
     args = parser.parse_args()
-    kernels = compile_scan(args.batch, args.length, args.dim, path=args.file)
+    config = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.set)}
+    kernels = compile_scan(args.batch, args.length, args.dim, path=args.file, dtype=getattr(torch, args.dtype),
+                           config=config)
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel in kernels.items():
             file = re.sub(r"[^A-Za-z0-9_=]+", "_", name)

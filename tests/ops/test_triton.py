@@ -45,6 +45,22 @@ def test_registered_for_cuda() -> None:
                                                       (64, 40, 512)])
 @pytest.mark.parametrize("full", [True, False])
 def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
+    _check_scan(dtype, reverse, batch, length, dim, full)
+
+
+# Forward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: a branch-free loop body,
+# and 8-channel tiles of 4 states per thread (with and without the lane-layout assembly: D = 236 has channel masks).
+@pytest.mark.parametrize("config", [{"pred_store": True}, {"BD": 8, "NV": 4, "pred_store": True}])
+@pytest.mark.parametrize(("dtype", "reverse"), [(torch.bfloat16, False), (torch.float32, True)])
+@pytest.mark.parametrize(("batch", "length", "dim"), [(3, 300, 236), (2, 513, 512), (64, 40, 512)])
+def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, dim, monkeypatch) -> None:
+    for key, value in config.items():
+        monkeypatch.setitem(scan.FWD_CONFIG, key, value)
+    _check_scan(dtype, reverse, batch, length, dim, full=True)
+
+
+def _check_scan(dtype: torch.dtype, reverse: bool, batch: int, length: int, dim: int, full: bool) -> None:
+    """Output and every gradient against the float64 reference, inputs laid out as the model passes them."""
     torch.manual_seed(length + dim)
     n = 16
     xz = torch.randn(batch, length, 3 * dim, device="cuda").to(dtype)

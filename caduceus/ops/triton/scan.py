@@ -37,10 +37,14 @@ CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 o
 # sub-partition) other warps hide the loads' latency and the fewest registers win (depth 1); with fewer programs (about
 # one warp per sub-partition) each warp must hide it itself: depth 3 ("_idle" keys). The backward holds no prefetched
 # blocks (its registers are at the cap); instead it asks L2 for the rows ``prefetch`` pieces ahead of their loads.
+# BD channels per program, NV states per thread (a warp holds BD * N / NV lanes' worth). pred_store: the forward's
+# state store before each block predicated within its assembly rather than under a branch, so that the loop body is
+# one basic block for ptxas to schedule (with the branch, each block's decays are issued as one burst of exp2).
 # See BENCHMARKS.md, GPU (H100, H200).
-FWD_CONFIG = {"BD": 16, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4, "depth": 1,
-              "U_idle": 4, "depth_idle": 3, "mufu": True}
-BWD_CONFIG = {"BD": 16, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True, "prefetch": 2}
+FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
+              "depth": 1, "U_idle": 4, "depth_idle": 3, "mufu": True, "pred_store": False}
+BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
+              "prefetch": 2}
 
 
 @triton.jit
@@ -207,8 +211,8 @@ def _state_offsets(N: tl.constexpr, NV: tl.constexpr):
 
 @triton.jit
 def _store_states(ptrs, h, flags, VEC: tl.constexpr):
-    """tl.store(ptrs, h, mask=flags != 0); with VEC (the tile is in the 8 x 2 x 16 layout that bf16/fp16 B and C
-    give, see _SUM_CHANNELS_ASM, so each thread holds runs of 4 consecutive, 16-byte aligned states) as 16-byte
+    """tl.store(ptrs, h, mask=flags != 0); with VEC (the tile is in the layout that bf16/fp16 B and C give, see
+    _lanes_known, so each thread holds runs of 4 consecutive, 16-byte aligned states) as 16-byte
     stores straight from registers: Triton would move the tile to the store's own layout through shared memory
     first, and hold registers for that across the loop it sits in."""
     if not VEC:
@@ -251,16 +255,17 @@ def _scan_fwd_kernel(
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, DEPTH: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, LANES: tl.constexpr,
+    COLS: tl.constexpr, LANES: tl.constexpr, PRED_STORE: tl.constexpr,
 ):
     """out = scan(...) for one (batch row, channel block, segment of SEG walk steps); if ``save``, states[b, c] =
     the state before walk step c*CHUNK. With several segments the scan runs twice: first ``STATE_ONLY``, each
     segment from a zero state, writing its end state and sum of dt into seg_state/seg_dt; after the host chains
     those, again with ``HAS_INIT``, each segment starting from its true state read from seg_state. COLS: DIM is not
     a multiple of BD (channel masks needed). LANES: the tiles are in the layout _store_states can use (see
-    _lanes_known). ``save`` is a run-time flag, not a constexpr: the branch it guards
-    before every block also keeps ptxas from sinking the loads that refill the ring of prefetched blocks past it
-    (ptxas otherwise schedules them at the end of the loop body, just before their use in the next iteration)."""
+    _lanes_known). ``save`` is a run-time flag, not a constexpr: the state store before every block (under a
+    branch, or with PRED_STORE and LANES predicated) also keeps ptxas from sinking the loads that refill the ring of
+    prefetched blocks past it (ptxas otherwise schedules them at the end of the loop body, just before their use in
+    the next iteration)."""
     pid_b = tl.program_id(0)
     seg = pid_b * tl.num_programs(2) + tl.program_id(2)
     start = tl.program_id(2) * SEG
@@ -294,13 +299,16 @@ def _scan_fwd_kernel(
     for i in range(start, i_rest, DEPTH * U):
         for k in tl.static_range(DEPTH):
             i0 = i + k * U
-            if (save != 0) & (i0 % CHUNK == 0):
+            if PRED_STORE and LANES:
+                saved = mask_dn & (save != 0) & (i0 % CHUNK == 0)
+                _store_states(st_base + (i0 // CHUNK) * DIM * N, h, saved.to(tl.int32), LANES)
+            elif (save != 0) & (i0 % CHUNK == 0):
                 _store_states(st_base + (i0 // CHUNK) * DIM * N, h, mask_dn.to(tl.int32), LANES)
             h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
                                    _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, cols, U, HAS_Z, SOFTPLUS,
                                    STATE_ONLY, MUFU, COLS, False)
             # Refill the slot just used, after its block: into registers free from here on, the loads issue while the
-            # next DEPTH - 1 blocks compute (the branch before the next block keeps ptxas from sinking them further).
+            # next DEPTH - 1 blocks compute (the store before the next block keeps ptxas from sinking them further).
             ahead = ahead[:k] + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0 + DEPTH * U, L, end, offs_d,
                                              offs_bc, cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
                                              HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, False),) \
@@ -669,11 +677,16 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, cfg: dict) -> bool:
-    """Whether the kernels' (NV, NH, BD) tiles are in the layout that their inline assembly (dB/dC sums, state
-    stores) is written for: 8 states per thread, lane = nh + 2*d on one warp. The 16-byte loads of 8 two-byte B/C
-    values per thread set it (float32 rows take two loads per thread and get another layout), and only without
-    channel masks (with them, a misaligned state store was seen on the H100); the interpreter has no lanes."""
-    return (n == 16 and cfg["BD"] == 16 and cfg["num_warps"] == 1 and B.element_size() == C.element_size() == 2
+    """Whether the kernels' (NV, NH, BD) tiles are in the layout that their inline assembly is written for: NV
+    consecutive states per thread, lane = nh + NH*d, NH*BD = 32 lanes of one warp. The loads of NV two-byte B/C
+    values per thread set it (float32 rows take more loads per thread and get another layout), and only without
+    channel masks (with them, a misaligned state store was seen on the H100); the interpreter has no lanes. The
+    state stores need runs of 4 states (NV = 4 or 8); the backward's dB/dC sums are written for 8 x 2 x 16 tiles
+    (see _SUM_CHANNELS_ASM)."""
+    nv = cfg["NV"]
+    tile = (nv, n // nv, cfg["BD"])
+    shape = tile == (8, 2, 16) if cfg is BWD_CONFIG else nv in (4, 8) and tile[1] * tile[2] == 32
+    return (n == 16 and shape and cfg["num_warps"] == 1 and B.element_size() == C.element_size() == 2
             and dim % cfg["BD"] == 0 and not INTERPRET)
 
 
@@ -711,11 +724,11 @@ class SelectiveScanFn(torch.autograd.Function):
                 u, delta, A, B, C, D_ if D_ is not None else A, z if z is not None else u,
                 bias if bias is not None else A, out, states, seg_state, seg_dt, length, dim, seg_len, 1,
                 int(save_states), *_strides(u, delta, z if z is not None else u, B, C, out),
-                N=n, NV=min(n, 8), BD=cfg["BD"], U=steps, DEPTH=depth, CHUNK=CHUNK, HAS_D=D is not None,
+                N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], U=steps, DEPTH=depth, CHUNK=CHUNK, HAS_D=D is not None,
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 REVERSE=bool(reverse), STATE_ONLY=state_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, LANES=_lanes_known(B, C, n, dim, cfg),
-                num_warps=cfg["num_warps"],
+                PRED_STORE=cfg["pred_store"], num_warps=cfg["num_warps"],
             )
 
         if length > 0:
@@ -756,7 +769,7 @@ class SelectiveScanFn(torch.autograd.Function):
                 u, delta, A, B, C, D_ if has_d else A, z if has_z else u, bias if has_bias else A, dout, states,
                 scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dBC,
                 length, dim, seg_len, 1, *_strides(u, delta, z if has_z else u, B, C, dout),
-                N=n, NV=min(n, 8), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
+                N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, SHFL=_lanes_known(B, C, n, dim, cfg),
                 PF=cfg["prefetch"], num_warps=cfg["num_warps"],

@@ -90,23 +90,28 @@ def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | Non
     return kernels
 
 
-def loops(sass: str) -> list[tuple[int, int, int]]:
-    """(first address, instructions, MUFU operations) of each innermost loop: a backward branch with no other
-    backward branch inside its body."""
+def loops(sass: str) -> list[tuple[int, int, int, int]]:
+    """(first address, instructions, MUFU operations, longest run of back-to-back MUFU operations) of each innermost
+    loop: a backward branch with no other backward branch inside its body. A long run means a warp that waits on the
+    MUFU pipe with nothing else to issue (a warp issues in order)."""
     code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    branches = []
+    branches = set()
     for addr, op in code:
-        m = re.search(r"\bBRA\b.*?`?\(?\.L_x_(\d+)", op)
+        m = re.search(r"\bBRA\b.*?\.L_x_(\d+)", op)
         if m:
             label = re.search(rf"\.L_x_{m.group(1)}:\s*\n\s*/\*([0-9a-f]+)\*/", sass)
             if label and int(label.group(1), 16) <= addr:
-                branches.append((int(label.group(1), 16), addr))
-    inner = [(s, e) for s, e in branches if not any(s < s2 <= e2 < e or s <= s2 <= e2 < e and (s2, e2) != (s, e)
-                                                     for s2, e2 in branches)]
+                branches.add((int(label.group(1), 16), addr))
     out = []
-    for s, e in sorted(set(inner)):
-        body = [op for a, op in code if s <= a <= e]
-        out.append((s, len(body), sum(op.split()[0].startswith("MUFU") or " MUFU" in op for op in body)))
+    for s, e in sorted(branches):
+        if any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in branches):
+            continue
+        mufu = [bool(re.search(r"\bMUFU\.", op)) for a, op in code if s <= a <= e]
+        run = longest = 0
+        for is_mufu in mufu:
+            run = run + 1 if is_mufu else 0
+            longest = max(longest, run)
+        out.append((s, len(mufu), sum(mufu), longest))
     return out
 
 
@@ -143,9 +148,9 @@ def main() -> None:
                 with open(os.path.join(args.sass, file + ".ptx"), "w") as f:
                     f.write(kernel.asm["ptx"])
             print(f"{name}: {regs} registers, stack {spill} bytes")
-            for start, count, mufu in loops(sass):
+            for start, count, mufu, run in loops(sass):
                 if count >= 40:
-                    print(f"  loop at {start:#06x}: {count} instructions, {mufu} MUFU")
+                    print(f"  loop at {start:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a row)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """GPU benchmarks of the Triton backend: hardware floors, the selective scan alone, and the whole model.
 
-    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep] [--profile] [--baseline old_scan.py]
-                                                [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep [fwd|bwd]] [--entries 0,4] [--warm]
+                                                [--profile] [--baseline old_scan.py] [--json out.json]
 
 Times are medians of ``triton.testing.do_bench``. The floors are measured in the same run: exp2 throughput of a
 Triton kernel (4 independent chains per thread) and a device-to-device copy. The scan's exp floor is B*L*D*N exp2
@@ -113,19 +113,28 @@ SWEEP_BWD = [{},
              {"SUB": 2}]
 
 
-def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str) -> list[dict]:
+def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,
+          entries: list[int] | None = None, warm: bool = False) -> list[dict]:
     """Launch configurations (scan.FWD_CONFIG, scan.BWD_CONFIG) of the forward or the backward at one shape: steps
     per prefetched block U and blocks loaded ahead (with many or few programs) or piece length SUB and L2 prefetch
     distance in pieces, the number of programs that time segments make up to, the MUFU log2 and reciprocal on or off.
     The forward also tries other tiles (channels per program, states per thread) and a branch-free loop body. Each
-    entry is a change from the default; the first is the default itself."""
+    entry is a change from the default; the first is the default itself. ``entries``: only these (indices);
+    ``warm``: run each once, untimed, to fill Triton's cache (compiling dominates a sweep: warm entries in parallel
+    processes, then time them in one)."""
     config, configs = ((triton_scan.FWD_CONFIG, SWEEP_FWD) if direction == "fwd"
                        else (triton_scan.BWD_CONFIG, SWEEP_BWD))
     rows = []
     default = dict(config)
-    for cfg in configs:
+    for index, cfg in enumerate(configs):
+        if entries is not None and index not in entries:
+            continue
         config.update(default)
         config.update(cfg)
+        if warm:  # at most 16,384 steps: the same specialisations (strides, time segments) in less memory
+            args = [a.detach().requires_grad_(True) for a in scan_args(shape[0], min(shape[1], 1 << 14), shape[2])]
+            triton_scan.selective_scan(*args).sum().backward()
+            continue
         row = bench_scan(*shape, exp_rate, bandwidth)
         row.update(direction=direction, config=dict(config))
         rows.append(row)
@@ -249,7 +258,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scan", action="store_true", help="the selective scan alone")
     parser.add_argument("--model", action="store_true", help="whole-model throughput and memory")
-    parser.add_argument("--sweep", action="store_true", help="launch configurations of the scan")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["fwd", "bwd", "all"],
+                        help="launch configurations of the scan (forward, backward or both)")
+    parser.add_argument("--entries", help="--sweep: only these entries of SWEEP_FWD / SWEEP_BWD (0,4,5)")
+    parser.add_argument("--warm", action="store_true", help="--sweep: run each entry once untimed, then exit")
     parser.add_argument("--profile", action="store_true", help="CUDA time per kernel of a d118 training step")
     parser.add_argument("--baseline", help="a copy of scan.py to time next to the current one (scan, model)")
     parser.add_argument("--json", help="write every number to this file")
@@ -261,8 +273,13 @@ def main() -> None:
     report["copy_bytes_per_s"] = bandwidth = copy_bandwidth()
     print(f"{report['device']}: exp2 {exp_rate:.3e}/s, copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
+        directions = ("fwd", "bwd") if args.sweep == "all" else (args.sweep,)
+        entries = [int(i) for i in args.entries.split(",")] if args.entries else None
         report["sweep"] = [row for shape in [(16, 131072, 512), (1, 131072, 512), (256, 1024, 236)]
-                           for direction in ("fwd", "bwd") for row in sweep(exp_rate, bandwidth, shape, direction)]
+                           for direction in directions
+                           for row in sweep(exp_rate, bandwidth, shape, direction, entries, args.warm)]
+        if args.warm:
+            return
     if args.profile:
         profile_training(n_layer=4, d_model=118, batch=256, length=1024)
     if args.scan:

@@ -90,28 +90,35 @@ def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | Non
     return kernels
 
 
-def loops(sass: str) -> list[tuple[int, int, int, int]]:
-    """(first address, instructions, MUFU operations, longest run of back-to-back MUFU operations) of each innermost
-    loop: a backward branch with no other backward branch inside its body. A long run means a warp that waits on the
-    MUFU pipe with nothing else to issue (a warp issues in order)."""
+def mufu_stats(ops: list[str]) -> tuple[int, int, int]:
+    """Instructions, MUFU operations and the longest run of back-to-back MUFU operations (a long run means a warp
+    that waits on the MUFU pipe with nothing else to issue: a warp issues in order)."""
+    mufu = [bool(re.search(r"\bMUFU\.", op)) for op in ops]
+    run = longest = 0
+    for is_mufu in mufu:
+        run = run + 1 if is_mufu else 0
+        longest = max(longest, run)
+    return len(ops), sum(mufu), longest
+
+
+def loops(sass: str) -> list[tuple[int, tuple[int, int, int], list[tuple[int, tuple[int, int, int]]]]]:
+    """Each innermost loop (a backward branch with no other backward branch inside its body): its first address,
+    mufu_stats of its body, and the same for each basic block of the body (from one label to the next: the two
+    sides of a branch inside the loop, such as the masked and unmasked variants of a piece, are separate blocks)."""
     code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    labels = {name: int(addr, 16) for name, addr in re.findall(r"(\.L_x_\d+):\s*\n\s*/\*([0-9a-f]+)\*/", sass)}
     branches = set()
     for addr, op in code:
-        m = re.search(r"\bBRA\b.*?\.L_x_(\d+)", op)
-        if m:
-            label = re.search(rf"\.L_x_{m.group(1)}:\s*\n\s*/\*([0-9a-f]+)\*/", sass)
-            if label and int(label.group(1), 16) <= addr:
-                branches.add((int(label.group(1), 16), addr))
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", op)
+        if m and labels.get(m.group(1), addr + 1) <= addr:
+            branches.add((labels[m.group(1)], addr))
     out = []
     for s, e in sorted(branches):
         if any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in branches):
             continue
-        mufu = [bool(re.search(r"\bMUFU\.", op)) for a, op in code if s <= a <= e]
-        run = longest = 0
-        for is_mufu in mufu:
-            run = run + 1 if is_mufu else 0
-            longest = max(longest, run)
-        out.append((s, len(mufu), sum(mufu), longest))
+        cuts = sorted({s, e + 1} | {a for a in labels.values() if s < a <= e})
+        blocks = [(lo, mufu_stats([op for a, op in code if lo <= a < hi])) for lo, hi in zip(cuts, cuts[1:])]
+        out.append((s, mufu_stats([op for a, op in code if s <= a <= e]), blocks))
     return out
 
 
@@ -148,9 +155,13 @@ def main() -> None:
                 with open(os.path.join(args.sass, file + ".ptx"), "w") as f:
                     f.write(kernel.asm["ptx"])
             print(f"{name}: {regs} registers, stack {spill} bytes")
-            for start, count, mufu, run in loops(sass):
+            for start, (count, mufu, run), blocks in loops(sass):
                 if count >= 40:
                     print(f"  loop at {start:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a row)")
+                    for block, (count, mufu, run) in blocks if len(blocks) > 1 else ():
+                        if count >= 40:
+                            print(f"    block at {block:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a "
+                                  "row)")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,19 @@ def _store_states(ptrs, h, flags, VEC: tl.constexpr):
 
 
 @triton.jit
+def _save_state(st_base, h, i0, mask_dn, save, DIM, N: tl.constexpr, CHUNK: tl.constexpr, LANES: tl.constexpr,
+                PREDICATED: tl.constexpr):
+    """If ``save`` and i0 starts a chunk, the state before walk step i0 into its chunk's row of the saved states:
+    under a branch, or with PREDICATED (and LANES) as a store predicated within its assembly, so that no branch
+    cuts the loop body around it into pieces."""
+    if PREDICATED and LANES:
+        saved = mask_dn & (save != 0) & (i0 % CHUNK == 0)
+        _store_states(st_base + (i0 // CHUNK) * DIM * N, h, saved.to(tl.int32), LANES)
+    elif (save != 0) & (i0 % CHUNK == 0):
+        _store_states(st_base + (i0 // CHUNK) * DIM * N, h, mask_dn.to(tl.int32), LANES)
+
+
+@triton.jit
 def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, o_row, o_step, offs_d, cols,
                U: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, STATE_ONLY: tl.constexpr,
                MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
@@ -299,11 +312,7 @@ def _scan_fwd_kernel(
     for i in range(start, i_rest, DEPTH * U):
         for k in tl.static_range(DEPTH):
             i0 = i + k * U
-            if PRED_STORE and LANES:
-                saved = mask_dn & (save != 0) & (i0 % CHUNK == 0)
-                _store_states(st_base + (i0 // CHUNK) * DIM * N, h, saved.to(tl.int32), LANES)
-            elif (save != 0) & (i0 % CHUNK == 0):
-                _store_states(st_base + (i0 // CHUNK) * DIM * N, h, mask_dn.to(tl.int32), LANES)
+            _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
             h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
                                    _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, cols, U, HAS_Z, SOFTPLUS,
                                    STATE_ONLY, MUFU, COLS, False)
@@ -320,8 +329,7 @@ def _scan_fwd_kernel(
         blk = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, end, offs_d, offs_bc, cols, s_ub, s_ul,
                           s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z and not STATE_ONLY, not STATE_ONLY,
                           REVERSE, U, COLS, True)
-        if (save != 0) & (i0 % CHUNK == 0):
-            _store_states(st_base + (i0 // CHUNK) * DIM * N, h, mask_dn.to(tl.int32), LANES)
+        _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, False)
         h, dt_sum = _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, _walk(pid_b, i0, L, s_ob, s_ol, REVERSE),
                                o_step, offs_d, cols, U, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, True)
     if STATE_ONLY:
@@ -676,16 +684,16 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
-def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, cfg: dict) -> bool:
+def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, cfg: dict, channel_sums: bool = False) -> bool:
     """Whether the kernels' (NV, NH, BD) tiles are in the layout that their inline assembly is written for: NV
     consecutive states per thread, lane = nh + NH*d, NH*BD = 32 lanes of one warp. The loads of NV two-byte B/C
     values per thread set it (float32 rows take more loads per thread and get another layout), and only without
     channel masks (with them, a misaligned state store was seen on the H100); the interpreter has no lanes. The
-    state stores need runs of 4 states (NV = 4 or 8); the backward's dB/dC sums are written for 8 x 2 x 16 tiles
-    (see _SUM_CHANNELS_ASM)."""
+    state stores need runs of 4 states (NV = 4 or 8); ``channel_sums``: also the backward's dB/dC sums, written for
+    8 x 2 x 16 tiles (see _SUM_CHANNELS_ASM)."""
     nv = cfg["NV"]
     tile = (nv, n // nv, cfg["BD"])
-    shape = tile == (8, 2, 16) if cfg is BWD_CONFIG else nv in (4, 8) and tile[1] * tile[2] == 32
+    shape = tile == (8, 2, 16) if channel_sums else nv in (4, 8) and tile[1] * tile[2] == 32
     return (n == 16 and shape and cfg["num_warps"] == 1 and B.element_size() == C.element_size() == 2
             and dim % cfg["BD"] == 0 and not INTERPRET)
 
@@ -771,8 +779,8 @@ class SelectiveScanFn(torch.autograd.Function):
                 length, dim, seg_len, 1, *_strides(u, delta, z if has_z else u, B, C, dout),
                 N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
-                MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, SHFL=_lanes_known(B, C, n, dim, cfg),
-                PF=cfg["prefetch"], num_warps=cfg["num_warps"],
+                MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
+                SHFL=_lanes_known(B, C, n, dim, cfg, channel_sums=True), PF=cfg["prefetch"], num_warps=cfg["num_warps"],
             )
 
         if length > 0:

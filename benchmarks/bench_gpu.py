@@ -75,29 +75,31 @@ def scan_args(b: int, length: int, d: int, n: int = 16, dtype: torch.dtype = tor
 
 
 def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n: int = 16,
-               scan=triton_scan.selective_scan) -> dict:
+               scan=triton_scan.selective_scan, backward: bool = True) -> dict:
+    """Forward (inference, no states saved) and, with ``backward``, forward + backward, against the floors."""
     args = scan_args(b, length, d, n)
     with torch.no_grad():
         fwd = do_bench(lambda: scan(*args), return_mode="median")
-    leaves = [a.detach().requires_grad_(True) for a in args]
-    grad = torch.randn(b, length, d, device="cuda", dtype=args[0].dtype)
-
-    def step() -> None:
-        scan(*leaves).backward(grad)
-
-    fwd_bwd = do_bench(step, grad_to_none=leaves, return_mode="median")
     exp_floor = b * length * d * n / exp_rate * 1e3
     hbm_floor = 2 * b * length * (4 * d + 2 * n) / bandwidth * 1e3
-    return {
-        "shape": [b, length, d], "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "bwd_ms": fwd_bwd - fwd,
-        "exp_floor_ms": exp_floor, "hbm_floor_ms": hbm_floor,
-        "fwd_over_exp_floor": fwd / exp_floor, "fwd_bwd_over_2x_exp_floor": fwd_bwd / (2 * exp_floor),
-    }
+    row = {"shape": [b, length, d], "fwd_ms": fwd, "exp_floor_ms": exp_floor, "hbm_floor_ms": hbm_floor,
+           "fwd_over_exp_floor": fwd / exp_floor}
+    if backward:
+        leaves = [a.detach().requires_grad_(True) for a in args]
+        grad = torch.randn(b, length, d, device="cuda", dtype=args[0].dtype)
+
+        def step() -> None:
+            scan(*leaves).backward(grad)
+
+        fwd_bwd = do_bench(step, grad_to_none=leaves, return_mode="median")
+        row.update(fwd_bwd_ms=fwd_bwd, bwd_ms=fwd_bwd - fwd, fwd_bwd_over_2x_exp_floor=fwd_bwd / (2 * exp_floor))
+    return row
 
 
 # Changes from the default configuration (the empty entry). The 8-channel, 4-state tiles (BD 8, NV 4) give the
 # forward 2 warps per SM sub-partition at B = 16, D = 512 and 125 registers instead of 235 (benchmarks/sass_scan.py);
-# pred_store makes its loop body one basic block.
+# pred_store makes its loop body one basic block; group splits the per-channel work (softplus, output, gate) between
+# the lanes of a channel (group).
 SWEEP_FWD = [{},
              {"U": 8, "depth": 1, "U_idle": 8, "depth_idle": 1},
              {"U": 4, "depth": 2, "U_idle": 4, "depth_idle": 2},
@@ -105,7 +107,12 @@ SWEEP_FWD = [{},
              {"pred_store": True},
              {"BD": 8, "NV": 4},
              {"BD": 8, "NV": 4, "pred_store": True},
-             {"BD": 8, "NV": 4, "pred_store": True, "U_idle": 8, "depth_idle": 2}]
+             {"BD": 8, "NV": 4, "pred_store": True, "U_idle": 8, "depth_idle": 2},
+             {"group": True},
+             {"group": True, "pred_store": True},
+             {"group": True, "pred_store": True, "depth_idle": 1},
+             {"BD": 8, "NV": 4, "group": True, "pred_store": True},
+             {"BD": 8, "NV": 4, "group": True, "pred_store": True, "depth_idle": 1}]
 SWEEP_BWD = [{},
              {"prefetch": 0},
              {"prefetch": 4},
@@ -132,13 +139,17 @@ def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direct
         config.update(default)
         config.update(cfg)
         if warm:  # at most 16,384 steps: the same specialisations (strides, time segments) in less memory
-            args = [a.detach().requires_grad_(True) for a in scan_args(shape[0], min(shape[1], 1 << 14), shape[2])]
-            triton_scan.selective_scan(*args).sum().backward()
+            backward = direction == "bwd"
+            args = [a.detach().requires_grad_(backward) for a in scan_args(shape[0], min(shape[1], 1 << 14), shape[2])]
+            out = triton_scan.selective_scan(*args)
+            if backward:
+                out.sum().backward()
             continue
-        row = bench_scan(*shape, exp_rate, bandwidth)
+        row = bench_scan(*shape, exp_rate, bandwidth, backward=direction == "bwd")
         row.update(direction=direction, config=dict(config))
         rows.append(row)
-        print(f"  sweep {shape} {direction} {cfg}: fwd {row['fwd_ms']:.2f} ms, bwd {row['bwd_ms']:.2f} ms",
+        bwd = f", bwd {row['bwd_ms']:.2f} ms" if "bwd_ms" in row else ""
+        print(f"  sweep {shape} {direction} {cfg}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_over_exp_floor']:.2f}x){bwd}",
               flush=True)
     config.update(default)
     return rows

@@ -1,39 +1,54 @@
-"""Check the Triton kernels against the literal float64 reference on fresh random inputs (needs a CUDA GPU).
+"""Check the Triton kernels against the literal float64 reference on fresh random inputs (needs a CUDA GPU, or
+Triton's CPU interpreter with --interpret).
 
     PYTHONPATH=. python benchmarks/check_triton.py            # full sweep, L up to 131,072
     PYTHONPATH=. python benchmarks/check_triton.py --quick    # small shapes only
     PYTHONPATH=. python benchmarks/check_triton.py --shard 1/3  # every third case: run the shards side by side
                                                                # (Triton's compiles dominate and use one core each)
     PYTHONPATH=. python benchmarks/check_triton.py --only "scan fwd"  # the cases of that name (then sharded)
+    PYTHONPATH=. python benchmarks/check_triton.py --interpret [--set group=True ...]  # on the CPU, no GPU
 
 Relative error ||out - ref|| / ||ref|| must stay under 1e-4 (fp32 inputs) or 1e-2 (bf16/fp16), for the output and
 every gradient; NaN never passes. Before each run the CUDA caching allocator is filled with NaN, so an output
 element that a kernel forgets to write shows up. Gradients are checked up to L = 2,048 (autograd through the
 reference's Python loop); longer sequences, up to 131,072, check the forward only, against the same reference run
 under no_grad in float64 on the GPU.
+
+``--interpret`` runs the scan kernels in Triton's interpreter (TRITON_INTERPRET=1) on small shapes: their index
+arithmetic, masks, segments and both directions, forward and backward, with no GPU. It does not run inline PTX, so
+the paths that need the GPU's lane layout are checked through their portable forms (``--set`` takes FWD_CONFIG
+entries, ``bwd_KEY`` BWD_CONFIG's, as benchmarks/sass_scan.py does). Triton 3.6's interpreter needs numpy < 2.3.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
+import os
 import sys
 
-import torch
+if "--interpret" in sys.argv:  # before Triton is imported: its jit decorator reads this
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from caduceus.ops import reference
-from caduceus.ops.triton import causal_conv1d, rms_norm, selective_scan
+import torch  # noqa: E402
 
+from caduceus.ops import reference  # noqa: E402
+from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def poison() -> None:
-    """Fill the allocator's free blocks with NaN so that unwritten output elements are caught."""
-    blocks = [torch.full((n,), float("nan"), device="cuda") for n in (256, 4096, 1 << 18)]
+    """Fill the allocator's free blocks with NaN so that unwritten output elements are caught (CUDA only)."""
+    if DEVICE == "cpu":
+        return
+    blocks = [torch.full((n,), float("nan"), device=DEVICE) for n in (256, 4096, 1 << 18)]
     size = max(torch.cuda.mem_get_info()[0] // 8, 1 << 20)  # half the free memory, in float32
     while True:
         try:  # a shard run beside this one may have taken it meanwhile
-            blocks.append(torch.full((size,), float("nan"), device="cuda"))
+            blocks.append(torch.full((size,), float("nan"), device=DEVICE))
             break
         except torch.OutOfMemoryError:
             if size == 1 << 20:
@@ -52,15 +67,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def scan_inputs(b: int, length: int, d: int, n: int, dtype: torch.dtype) -> dict:
     """Realistic magnitudes: dt biased as in Mamba's init, strided u/delta/z/B/C views as the model passes them."""
-    xz = torch.randn(b, length, 3 * d, device="cuda").to(dtype)
-    bc = torch.randn(b, length, 2 * n + 8, device="cuda").to(dtype)
-    dt = torch.exp(torch.rand(d, device="cuda") * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
+    xz = torch.randn(b, length, 3 * d, device=DEVICE).to(dtype)
+    bc = torch.randn(b, length, 2 * n + 8, device=DEVICE).to(dtype)
+    dt = torch.exp(torch.rand(d, device=DEVICE) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
                    + torch.log(torch.tensor(1e-3)))
     return {
         "u": xz[..., :d], "delta": (xz[..., d:2 * d].float() * 0.5).to(dtype), "z": xz[..., 2 * d:],
         "B": bc[..., 8:8 + n], "C": bc[..., 8 + n:],
-        "A": -torch.rand(d, n, device="cuda") * n - 0.05,
-        "D": torch.randn(d, device="cuda"),
+        "A": -torch.rand(d, n, device=DEVICE) * n - 0.05,
+        "D": torch.randn(d, device=DEVICE),
         "delta_bias": dt + torch.log(-torch.expm1(-dt)),
     }
 
@@ -92,8 +107,8 @@ def check_scan(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, g
 
 
 def check_conv(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool) -> dict[str, float]:
-    x = torch.randn(b, length, 2 * d, device="cuda").to(dtype)[..., :d]
-    w, bias = torch.randn(d, 1, 4, device="cuda") * 0.5, torch.randn(d, device="cuda")
+    x = torch.randn(b, length, 2 * d, device=DEVICE).to(dtype)[..., :d]
+    w, bias = torch.randn(d, 1, 4, device=DEVICE) * 0.5, torch.randn(d, device=DEVICE)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, bias)]
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, w, bias)]
     poison()
@@ -108,9 +123,9 @@ def check_conv(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool) -
 
 
 def check_norm(rows: int, width: int, dtype: torch.dtype, residual: bool) -> dict[str, float]:
-    x = torch.randn(rows, width, device="cuda").to(dtype)
-    r = torch.randn(rows, width, device="cuda").to(dtype) if residual else None
-    w = torch.rand(width, device="cuda") + 0.5
+    x = torch.randn(rows, width, device=DEVICE).to(dtype)
+    r = torch.randn(rows, width, device=DEVICE).to(dtype) if residual else None
+    w = torch.rand(width, device=DEVICE) + 0.5
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, r)]
     ref_leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, r)]
     poison()
@@ -143,6 +158,10 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
         cases.append(("conv", dtype, reverse, (3, 1000, 236), check_conv))
     for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True)):
         cases.append(("rms_norm", dtype, res, (1000, 256), check_norm))
+    if DEVICE == "cpu":  # the interpreter runs a kernel's programs one by one in Python: small shapes only
+        cases = [("scan", dtype, reverse, (b, length, d), lambda *a: check_scan(*a, grads=True))
+                 for dtype, reverse, (b, length, d) in itertools.product(
+                     (torch.float32, torch.bfloat16), (False, True), ((2, 7, 32), (1, 45, 20), (1, 300, 16)))]
     if only is not None:
         cases = [case for case in cases if case[0] == only]
         if not cases:
@@ -164,12 +183,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes only")
     parser.add_argument("--shard", default="1/1", help="I/N: run every N-th case from the I-th (default: all)")
     parser.add_argument("--only", help="run only the cases of this name ('scan', 'scan fwd', 'conv', ...)")
+    parser.add_argument("--interpret", action="store_true", help="the scan on small shapes in Triton's interpreter")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a FWD_CONFIG entry (bwd_KEY: BWD_CONFIG's), e.g. --set group=True")
     args = parser.parse_args()
     shard, shards = (int(v) for v in args.shard.split("/"))
     if not 1 <= shard <= shards:
         sys.exit(f"--shard {args.shard}: want I/N with 1 <= I <= N")
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU")
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --interpret)")
+    if DEVICE == "cpu":
+        import numpy
+
+        if tuple(int(v) for v in numpy.__version__.split(".")[:2]) >= (2, 3):
+            sys.exit(f"--interpret: Triton's interpreter needs numpy < 2.3 (numpy {numpy.__version__} is installed)")
+    for key, value in (item.split("=", 1) for item in args.set):
+        target = scan.BWD_CONFIG if key.startswith("bwd_") else scan.FWD_CONFIG
+        target[key.removeprefix("bwd_")] = ast.literal_eval(value)
     ok = run(args.quick, shard - 1, shards, args.only)
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     sys.exit(0 if ok else 1)

@@ -49,8 +49,11 @@ def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
 
 
 # Forward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: a branch-free loop body,
-# and 8-channel tiles of 4 states per thread (with and without the lane-layout assembly: D = 236 has channel masks).
-@pytest.mark.parametrize("config", [{"pred_store": True}, {"BD": 8, "NV": 4, "pred_store": True}])
+# 8-channel tiles of 4 states per thread (with and without the lane-layout assembly: D = 236 has channel masks), and
+# the per-channel work split between the two lanes of a channel (bf16 only: it needs the lane layout).
+@pytest.mark.parametrize("config", [{"pred_store": True}, {"BD": 8, "NV": 4, "pred_store": True}, {"group": True},
+                                    {"group": True, "pred_store": True, "depth_idle": 1},
+                                    {"BD": 8, "NV": 4, "group": True, "pred_store": True}])
 @pytest.mark.parametrize(("dtype", "reverse"), [(torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize(("batch", "length", "dim"), [(3, 300, 236), (2, 513, 512), (64, 40, 512)])
 def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, dim, monkeypatch) -> None:

@@ -42,7 +42,7 @@ CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 o
 # one basic block for ptxas to schedule (with the branch, each block's decays are issued as one burst of exp2).
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
-              "depth": 1, "U_idle": 4, "depth_idle": 3, "mufu": True, "pred_store": False}
+              "depth": 1, "U_idle": 4, "depth_idle": 3, "mufu": True, "pred_store": False, "group": False}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
               "prefetch": 2}
 
@@ -238,24 +238,108 @@ def _save_state(st_base, h, i0, mask_dn, save, DIM, N: tl.constexpr, CHUNK: tl.c
 
 
 @triton.jit
-def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, o_row, o_step, offs_d, cols,
-               U: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, STATE_ONLY: tl.constexpr,
-               MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
-    """U steps of the scan from walk step i0 (inputs ``blk`` from _load_block), writing y unless STATE_ONLY."""
-    us, dts, zs, Bs, Cs = blk
-    for j in tl.static_range(U):
-        valid = i0 + j < end
-        u = us[j].to(tl.float32)
-        dt = _dt(dts[j].to(tl.float32), bias, valid, SOFTPLUS, MUFU, MASKED)
-        h = tl.exp2(_bc(dt) * A2) * h + _bc(dt * u) * _wide(Bs[j])
-        if STATE_ONLY:
-            dt_sum += dt
+def _lanes_xor(x, S: tl.constexpr):
+    """x (G, BD) with row r replaced by row r ^ S: on the GPU, the value that lane ^ S holds, as the lanes of channel
+    d are G*d .. G*d + G-1 (the layout _lanes_known checks)."""
+    if PTX:
+        if S == 1:
+            return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 31, -1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
         else:
-            y = _sum_n(h * _wide(Cs[j])) + Dv * u
-            if HAS_Z:
-                z = zs[j].to(tl.float32)
-                y = y * z * _sigmoid(z, MUFU)
-            _store(out_ptr + o_row + j * o_step + offs_d, y, cols, valid, COLS, MASKED)
+            tl.static_assert(S == 2)
+            return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 31, -1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    else:
+        G: tl.constexpr = x.shape[0]
+        BD: tl.constexpr = x.shape[1]
+        return tl.reshape(tl.flip(tl.reshape(x, (G // (2 * S), 2, S, BD)), 1), (G, BD))
+
+
+@triton.jit
+def _from_lane(x, src, K: tl.constexpr):
+    """Row K of x (G, BD) in every row: on the GPU, the value that lane ``src`` = G*d + K holds (see _lanes_xor)."""
+    if PTX:
+        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=r,r,r", [x, src],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        rows = tl.arange(0, x.shape[0])[:, None]
+        return tl.broadcast_to(tl.sum(tl.where(rows == K, x, 0.0), 0)[None, :], x.shape)
+
+
+@triton.jit
+def _own(xs, j, rows, G: tl.constexpr):
+    """Step j + r of the (BD,) tuple xs in row r of a (G, BD) tile, as float32."""
+    x = xs[j + G - 1].to(tl.float32)[None, :]
+    for k in tl.static_range(G - 2, -1, -1):
+        x = tl.where(rows == k, xs[j + k].to(tl.float32)[None, :], x)
+    return x
+
+
+@triton.jit
+def _reduce_scatter(parts, rows, G: tl.constexpr):
+    """Row r of the sum over the G rows of parts[r], a tuple of G (G, BD) tiles: on the GPU each of the G lanes of a
+    channel holds its states' share of G steps' outputs and ends with the whole output of its own step. A butterfly:
+    each round keeps the half of the steps that matches a bit of the row and receives the other half's share."""
+    S: tl.constexpr = G // 2
+    if S == 2:
+        bit = (rows & 2) != 0
+        parts = (tl.where(bit, parts[2], parts[0]) + _lanes_xor(tl.where(bit, parts[0], parts[2]), 2),
+                 tl.where(bit, parts[3], parts[1]) + _lanes_xor(tl.where(bit, parts[1], parts[3]), 2))
+    bit = (rows & 1) != 0
+    return tl.where(bit, parts[1], parts[0]) + _lanes_xor(tl.where(bit, parts[0], parts[1]), 1)
+
+
+@triton.jit
+def _fwd_group(h, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_dh, cols, G: tl.constexpr,
+               HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Steps j .. j+G-1 of a block with the per-channel work shared by the G lanes of each channel: lane r computes
+    softplus, the output and the gate of step j + r only and the others read dt from it, so that each lane evaluates
+    one softplus and one sigmoid per G steps instead of G. (G, BD) tiles hold a value per lane;
+    ``src[k]`` is the lane that holds step j + k of each lane's channel. The output is stored through ``offs_dh``,
+    the channel offsets with their contiguity hidden: otherwise Triton would give the store a layout of consecutive
+    channels on consecutive lanes and move the values there first."""
+    us, dts, zs, Bs, Cs = blk
+    rows = tl.arange(0, G)[:, None]
+    valid = i0 + j + rows < end
+    dt = _dt(_own(dts, j, rows, G), bias[None, :], valid, SOFTPLUS, MUFU, MASKED)
+    parts = ()
+    for k in tl.static_range(G):
+        dt_k = _from_lane(dt, src[k], k)
+        h = tl.exp2(dt_k[None] * A2) * h + (dt_k * us[j + k].to(tl.float32)[None, :])[None] * _wide(Bs[j + k])
+        parts = parts + (tl.sum(h * _wide(Cs[j + k]), axis=0),)
+    y = _reduce_scatter(parts, rows, G) + Dv[None, :] * _own(us, j, rows, G)
+    if HAS_Z:
+        z = _own(zs, j, rows, G)
+        y = y * z * _sigmoid(z, MUFU)
+    _store(out_ptr + o_row + (j + rows) * o_step + offs_dh[None, :], y, cols[None, :], valid, COLS, MASKED)
+    return h
+
+
+@triton.jit
+def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_d, offs_dh, cols,
+               U: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, STATE_ONLY: tl.constexpr,
+               MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr, GROUP: tl.constexpr):
+    """U steps of the scan from walk step i0 (inputs ``blk`` from _load_block), writing y unless STATE_ONLY."""
+    if GROUP > 1:
+        for j in tl.static_range(0, U, GROUP):
+            h = _fwd_group(h, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_dh, cols, GROUP, HAS_Z,
+                           SOFTPLUS, MUFU, COLS, MASKED)
+    else:
+        us, dts, zs, Bs, Cs = blk
+        for j in tl.static_range(U):
+            valid = i0 + j < end
+            u = us[j].to(tl.float32)
+            dt = _dt(dts[j].to(tl.float32), bias, valid, SOFTPLUS, MUFU, MASKED)
+            h = tl.exp2(_bc(dt) * A2) * h + _bc(dt * u) * _wide(Bs[j])
+            if STATE_ONLY:
+                dt_sum += dt
+            else:
+                y = _sum_n(h * _wide(Cs[j])) + Dv * u
+                if HAS_Z:
+                    z = zs[j].to(tl.float32)
+                    y = y * z * _sigmoid(z, MUFU)
+                _store(out_ptr + o_row + j * o_step + offs_d, y, cols, valid, COLS, MASKED)
     return h, dt_sum
 
 
@@ -268,7 +352,7 @@ def _scan_fwd_kernel(
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, DEPTH: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, LANES: tl.constexpr, PRED_STORE: tl.constexpr,
+    COLS: tl.constexpr, LANES: tl.constexpr, PRED_STORE: tl.constexpr, GROUP: tl.constexpr,
 ):
     """out = scan(...) for one (batch row, channel block, segment of SEG walk steps); if ``save``, states[b, c] =
     the state before walk step c*CHUNK. With several segments the scan runs twice: first ``STATE_ONLY``, each
@@ -285,6 +369,7 @@ def _scan_fwd_kernel(
     end = tl.minimum(L, start + SEG)
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     cols = offs_d < DIM
+    offs_dh = offs_d * one  # `one` hides the contiguity over the channels: see _fwd_group
     offs_n = _state_offsets(N, NV)
     offs_bc = tl.broadcast_to(offs_n, (NV, N // NV, BD))
     dn = _bc(offs_d) * N + offs_n * one  # `one` hides the contiguity over n: see _state_offsets
@@ -300,6 +385,9 @@ def _scan_fwd_kernel(
         h = tl.zeros([NV, N // NV, BD], tl.float32)
     dt_sum = tl.zeros([BD], tl.float32)
     o_step = -s_ol if REVERSE else s_ol
+    src = ()  # with GROUP: src[k] = the lane of step k of a group, the k-th of the lanes of its channel
+    for k in tl.static_range(GROUP):
+        src = src + (k + GROUP * tl.arange(0, BD)[None, :] + tl.zeros([GROUP, BD], tl.int32),)
     # Blocks of U steps, each loaded DEPTH blocks ahead of its use, in a ring of DEPTH blocks (a shifting queue would
     # cost register moves). The main loop runs DEPTH full blocks an iteration, without masks, as long as the blocks
     # it loads are full too.
@@ -313,9 +401,9 @@ def _scan_fwd_kernel(
         for k in tl.static_range(DEPTH):
             i0 = i + k * U
             _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
-            h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
-                                   _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, cols, U, HAS_Z, SOFTPLUS,
-                                   STATE_ONLY, MUFU, COLS, False)
+            h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, src, out_ptr,
+                                   _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U, HAS_Z,
+                                   SOFTPLUS, STATE_ONLY, MUFU, COLS, False, GROUP)
             # Refill the slot just used, after its block: into registers free from here on, the loads issue while the
             # next DEPTH - 1 blocks compute (the store before the next block keeps ptxas from sinking them further).
             ahead = ahead[:k] + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0 + DEPTH * U, L, end, offs_d,
@@ -330,8 +418,9 @@ def _scan_fwd_kernel(
                           s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z and not STATE_ONLY, not STATE_ONLY,
                           REVERSE, U, COLS, True)
         _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, False)
-        h, dt_sum = _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, _walk(pid_b, i0, L, s_ob, s_ol, REVERSE),
-                               o_step, offs_d, cols, U, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, True)
+        h, dt_sum = _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, src, out_ptr,
+                               _walk(pid_b, i0, L, s_ob, s_ol, REVERSE),
+                               o_step, offs_d, offs_dh, cols, U, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, True, GROUP)
     if STATE_ONLY:
         tl.store(seg_state, h, mask=mask_dn)
         tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=cols)
@@ -724,6 +813,8 @@ class SelectiveScanFn(torch.autograd.Function):
         seg_len, n_seg = _segments(length, batch * n_blocks, cfg)
         busy = batch * n_blocks * n_seg >= cfg["busy"]
         steps, depth = (cfg[k] if busy else cfg[k + "_idle"] for k in ("U", "depth"))
+        lanes = _lanes_known(B, C, n, dim, cfg)
+        group = n // cfg["NV"] if cfg["group"] and (lanes or INTERPRET) and n // cfg["NV"] in (2, 4) else 1
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
 
@@ -735,8 +826,9 @@ class SelectiveScanFn(torch.autograd.Function):
                 N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], U=steps, DEPTH=depth, CHUNK=CHUNK, HAS_D=D is not None,
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 REVERSE=bool(reverse), STATE_ONLY=state_only, HAS_INIT=has_init,
-                MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, LANES=_lanes_known(B, C, n, dim, cfg),
-                PRED_STORE=cfg["pred_store"], num_warps=cfg["num_warps"],
+                MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, LANES=lanes,
+                PRED_STORE=cfg["pred_store"], GROUP=group if steps % group == 0 and not state_only else 1,
+                num_warps=cfg["num_warps"],
             )
 
         if length > 0:

@@ -1,0 +1,43 @@
+"""One scan forward (and optionally backward) launch to profile under Nsight Compute, with launch settings changed.
+
+    ncu --clock-control none -k regex:_scan_fwd_kernel --launch-skip 1 --launch-count 1 \
+        --section WarpStateStats --section SchedulerStats \
+        python benchmarks/ncu_scan.py [--shape 16,16384,512] [--set pred_store=True ...] [--backward]
+
+The first call compiles (and is skipped by ``--launch-skip 1``); the second is the one profiled. At B = 16, D = 512
+the forward runs one program per (batch row, channel block), as at L = 131,072, so a shorter L gives the same
+kernel and the same per-step behaviour in less time. ``--set`` takes FWD_CONFIG entries (``bwd_KEY``: BWD_CONFIG's),
+like benchmarks/sass_scan.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+
+import torch
+
+from benchmarks.bench_gpu import scan_args
+from caduceus.ops.triton import scan as triton_scan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="16,16384,512", help="B,L,D")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--backward", action="store_true", help="also run the backward")
+    args = parser.parse_args()
+    for key, value in (item.split("=", 1) for item in args.set):
+        target = triton_scan.BWD_CONFIG if key.startswith("bwd_") else triton_scan.FWD_CONFIG
+        target[key.removeprefix("bwd_")] = ast.literal_eval(value)
+    b, length, d = (int(x) for x in args.shape.split(","))
+    leaves = [a.detach().requires_grad_(args.backward) for a in scan_args(b, length, d)]
+    for _ in range(2):
+        out = triton_scan.selective_scan(*leaves)
+        if args.backward:
+            out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

@@ -117,7 +117,8 @@ SWEEP_BWD = [{},
              {"prefetch": 0},
              {"prefetch": 4},
              {"programs": 2048},
-             {"SUB": 2}]
+             {"SUB": 2},
+             {"cut_below": 0}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,

@@ -359,11 +359,12 @@ def run_benchmark(settings: Settings) -> list[TaskResult]:
     tasks.append((cagi5_benchmark, (models, settings)))
     if settings.jobs <= 1:
         return [function(*arguments) for function, arguments in tasks]
-    # Each task seeds its own generators, so its scores do not depend on which process runs it.
-    threads = max(1, (os.cpu_count() or 1) // settings.jobs)
+    # Each task seeds its own generators, and computes on as many CPU threads as this process would (float sums on
+    # the CPU, the CNN baseline's among them, depend on the thread count), so its scores do not depend on which
+    # process runs it or on --jobs. The CPU is oversubscribed while several tasks compute on it at once.
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     with ProcessPoolExecutor(settings.jobs, mp_context=context, initializer=torch.set_num_threads,
-                             initargs=(threads,)) as pool:
+                             initargs=(torch.get_num_threads(),)) as pool:
         futures = [pool.submit(function, *arguments) for function, arguments in tasks]
         return [future.result() for future in futures]
 

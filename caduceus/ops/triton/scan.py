@@ -257,12 +257,15 @@ def _lanes_xor(x, S: tl.constexpr):
 
 @triton.jit
 def _from_lane(x, src, K: tl.constexpr):
-    """Row K of x (G, BD) in every row: on the GPU, the value that lane ``src`` = G*d + K holds (see _lanes_xor)."""
-    if PTX:
+    """Row K of x (G, BD) in every row: on the GPU, the value that lane ``src`` = G*d + K holds (see _lanes_xor). For
+    G = 2 one butterfly shuffle, shared by both rows (it is pure, so computed once), and a select."""
+    rows = tl.arange(0, x.shape[0])[:, None]
+    if x.shape[0] == 2:
+        return tl.where(rows == K, x, _lanes_xor(x, 1))
+    elif PTX:
         return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=r,r,r", [x, src],
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
-        rows = tl.arange(0, x.shape[0])[:, None]
         return tl.broadcast_to(tl.sum(tl.where(rows == K, x, 0.0), 0)[None, :], x.shape)
 
 

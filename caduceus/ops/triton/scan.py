@@ -293,15 +293,15 @@ def _reduce_scatter(parts, rows, G: tl.constexpr):
 
 
 @triton.jit
-def _fwd_group(h, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_dh, cols, G: tl.constexpr,
-               HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr,
-               MASKED: tl.constexpr):
+def _fwd_group(h, dt_sum, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_dh, cols,
+               G: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, STATE_ONLY: tl.constexpr,
+               MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
     """Steps j .. j+G-1 of a block with the per-channel work shared by the G lanes of each channel: lane r computes
     softplus, the output and the gate of step j + r only and the others read dt from it, so that each lane evaluates
-    one softplus and one sigmoid per G steps instead of G. (G, BD) tiles hold a value per lane;
-    ``src[k]`` is the lane that holds step j + k of each lane's channel. The output is stored through ``offs_dh``,
-    the channel offsets with their contiguity hidden: otherwise Triton would give the store a layout of consecutive
-    channels on consecutive lanes and move the values there first."""
+    one softplus and one sigmoid per G steps instead of G. (G, BD) tiles hold a value per lane (``dt_sum`` too: each
+    lane sums its own steps); ``src[k]`` is the lane that holds step j + k of each lane's channel. The output is
+    stored through ``offs_dh``, the channel offsets with their contiguity hidden: otherwise Triton would give the
+    store a layout of consecutive channels on consecutive lanes and move the values there first."""
     us, dts, zs, Bs, Cs = blk
     rows = tl.arange(0, G)[:, None]
     valid = i0 + j + rows < end
@@ -310,13 +310,17 @@ def _fwd_group(h, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, of
     for k in tl.static_range(G):
         dt_k = _from_lane(dt, src[k], k)
         h = tl.exp2(dt_k[None] * A2) * h + (dt_k * us[j + k].to(tl.float32)[None, :])[None] * _wide(Bs[j + k])
-        parts = parts + (tl.sum(h * _wide(Cs[j + k]), axis=0),)
-    y = _reduce_scatter(parts, rows, G) + Dv[None, :] * _own(us, j, rows, G)
-    if HAS_Z:
-        z = _own(zs, j, rows, G)
-        y = y * z * _sigmoid(z, MUFU)
-    _store(out_ptr + o_row + (j + rows) * o_step + offs_dh[None, :], y, cols[None, :], valid, COLS, MASKED)
-    return h
+        if not STATE_ONLY:
+            parts = parts + (tl.sum(h * _wide(Cs[j + k]), axis=0),)
+    if STATE_ONLY:
+        dt_sum += dt
+    else:
+        y = _reduce_scatter(parts, rows, G) + Dv[None, :] * _own(us, j, rows, G)
+        if HAS_Z:
+            z = _own(zs, j, rows, G)
+            y = y * z * _sigmoid(z, MUFU)
+        _store(out_ptr + o_row + (j + rows) * o_step + offs_dh[None, :], y, cols[None, :], valid, COLS, MASKED)
+    return h, dt_sum
 
 
 @triton.jit
@@ -326,8 +330,8 @@ def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_ste
     """U steps of the scan from walk step i0 (inputs ``blk`` from _load_block), writing y unless STATE_ONLY."""
     if GROUP > 1:
         for j in tl.static_range(0, U, GROUP):
-            h = _fwd_group(h, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_dh, cols, GROUP, HAS_Z,
-                           SOFTPLUS, MUFU, COLS, MASKED)
+            h, dt_sum = _fwd_group(h, dt_sum, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_dh,
+                                   cols, GROUP, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, MASKED)
     else:
         us, dts, zs, Bs, Cs = blk
         for j in tl.static_range(U):
@@ -386,7 +390,7 @@ def _scan_fwd_kernel(
         h = tl.load(seg_state, mask=mask_dn, other=0.0)
     else:
         h = tl.zeros([NV, N // NV, BD], tl.float32)
-    dt_sum = tl.zeros([BD], tl.float32)
+    dt_sum = tl.zeros([GROUP, BD], tl.float32) if GROUP > 1 else tl.zeros([BD], tl.float32)
     o_step = -s_ol if REVERSE else s_ol
     src = ()  # with GROUP: src[k] = the lane of step k of a group, the k-th of the lanes of its channel
     for k in tl.static_range(GROUP):
@@ -426,7 +430,7 @@ def _scan_fwd_kernel(
                                o_step, offs_d, offs_dh, cols, U, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, True, GROUP)
     if STATE_ONLY:
         tl.store(seg_state, h, mask=mask_dn)
-        tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=cols)
+        tl.store(seg_dt_ptr + seg * DIM + offs_d, tl.sum(dt_sum, 0) if GROUP > 1 else dt_sum, mask=cols)
 
 
 @triton.jit
@@ -830,7 +834,7 @@ class SelectiveScanFn(torch.autograd.Function):
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 REVERSE=bool(reverse), STATE_ONLY=state_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, LANES=lanes,
-                PRED_STORE=cfg["pred_store"], GROUP=group if steps % group == 0 and not state_only else 1,
+                PRED_STORE=cfg["pred_store"], GROUP=group if steps % group == 0 else 1,
                 num_warps=cfg["num_warps"],
             )
 

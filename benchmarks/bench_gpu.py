@@ -96,23 +96,18 @@ def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n
     return row
 
 
-# Changes from the default configuration (the empty entry). The 8-channel, 4-state tiles (BD 8, NV 4) give the
-# forward 2 warps per SM sub-partition at B = 16, D = 512 and 125 registers instead of 235 (benchmarks/sass_scan.py);
-# pred_store makes its loop body one basic block; group splits the per-channel work (softplus, output, gate) between
-# the lanes of a channel (group).
+# Changes from the default configuration (the empty entry): the per-channel work shared among a channel's lanes
+# (group), the branch-free loop body (pred_store), the tiles of programs that run in one time segment with about one
+# warp per SM sub-partition (BD_idle, NV_idle: 4 states per lane and twice the warps, or 8 states per lane), and the
+# prefetch depths. The third entry is the configuration before 2026-12-07.
 SWEEP_FWD = [{},
-             {"U": 8, "depth": 1, "U_idle": 8, "depth_idle": 1},
-             {"U": 4, "depth": 2, "U_idle": 4, "depth_idle": 2},
-             {"mufu": False},
-             {"pred_store": True},
-             {"BD": 8, "NV": 4},
-             {"BD": 8, "NV": 4, "pred_store": True},
-             {"BD": 8, "NV": 4, "pred_store": True, "U_idle": 8, "depth_idle": 2},
-             {"group": True},
-             {"group": True, "pred_store": True},
-             {"group": True, "pred_store": True, "depth_idle": 1},
-             {"BD": 8, "NV": 4, "group": True, "pred_store": True},
-             {"BD": 8, "NV": 4, "group": True, "pred_store": True, "depth_idle": 1}]
+             {"BD_idle": 16, "NV_idle": 8},
+             {"group": False, "pred_store": False, "BD_idle": 16, "NV_idle": 8},
+             {"group": False},
+             {"pred_store": False},
+             {"depth_idle": 2},
+             {"depth": 2},
+             {"mufu": False}]
 SWEEP_BWD = [{},
              {"prefetch": 0},
              {"prefetch": 4},

@@ -39,8 +39,9 @@ def test_registered_for_cuda() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
-# (32, 300, 256) has enough (batch, channel block) programs to run in one time segment; (64, 40, 512) has enough to
-# take scan.FWD_CONFIG's "busy" settings; the others have few and are cut into time segments where long enough.
+# (32, 300, 256) has enough (batch, channel block) programs to run in one time segment (with the forward's "_idle"
+# tiles: 4 lanes per channel); (64, 40, 512) has enough to take scan.FWD_CONFIG's "busy" settings; the others have
+# few and are cut into time segments where long enough.
 @pytest.mark.parametrize(("batch", "length", "dim"), [(1, 1, 236), (3, 300, 236), (2, 513, 512), (32, 300, 256),
                                                       (64, 40, 512)])
 @pytest.mark.parametrize("full", [True, False])
@@ -48,14 +49,13 @@ def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
     _check_scan(dtype, reverse, batch, length, dim, full)
 
 
-# Forward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: a branch-free loop body,
-# 8-channel tiles of 4 states per thread (with and without the lane-layout assembly: D = 236 has channel masks), and
-# the per-channel work split between the two lanes of a channel (bf16 only: it needs the lane layout).
-@pytest.mark.parametrize("config", [{"pred_store": True}, {"BD": 8, "NV": 4, "pred_store": True}, {"group": True},
-                                    {"group": True, "pred_store": True, "depth_idle": 1},
-                                    {"BD": 8, "NV": 4, "group": True, "pred_store": True}])
+# Forward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the configuration before
+# 2026-12-07 (no sharing of per-channel work, a branch around the state store, 8 states per lane in one segment), the
+# shared work with 8 states per lane in one segment (two lanes per channel instead of four), and each switch alone.
+@pytest.mark.parametrize("config", [{"group": False, "pred_store": False, "BD_idle": 16, "NV_idle": 8},
+                                    {"BD_idle": 16, "NV_idle": 8}, {"group": False}, {"pred_store": False}])
 @pytest.mark.parametrize(("dtype", "reverse"), [(torch.bfloat16, False), (torch.float32, True)])
-@pytest.mark.parametrize(("batch", "length", "dim"), [(3, 300, 236), (2, 513, 512), (64, 40, 512)])
+@pytest.mark.parametrize(("batch", "length", "dim"), [(3, 300, 236), (2, 513, 512), (64, 40, 512), (32, 300, 256)])
 def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, dim, monkeypatch) -> None:
     for key, value in config.items():
         monkeypatch.setitem(scan.FWD_CONFIG, key, value)

@@ -37,12 +37,15 @@ CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 o
 # sub-partition) other warps hide the loads' latency and the fewest registers win (depth 1); with fewer programs (about
 # one warp per sub-partition) each warp must hide it itself: depth 3 ("_idle" keys). The backward holds no prefetched
 # blocks (its registers are at the cap); instead it asks L2 for the rows ``prefetch`` pieces ahead of their loads.
-# BD channels per program, NV states per thread (a warp holds BD * N / NV lanes' worth). pred_store: the forward's
-# state store before each block predicated within its assembly rather than under a branch, so that the loop body is
-# one basic block for ptxas to schedule (with the branch, each block's decays are issued as one burst of exp2).
+# BD channels per program, NV states per thread (a warp holds BD * N / NV lanes' worth); in one time segment with
+# fewer than ``busy`` programs the forward takes the "_idle" tiles (4 lanes per channel: twice the warps to hide
+# latency). pred_store: the forward's state store before each block predicated within its assembly rather than under
+# a branch, so that the loop body is one basic block for ptxas to schedule. group: the per-channel work of G steps
+# (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group).
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
-              "depth": 1, "U_idle": 4, "depth_idle": 3, "mufu": True, "pred_store": False, "group": False}
+              "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
+              "group": True}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
               "prefetch": 2}
 
@@ -780,18 +783,18 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
-def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, cfg: dict, channel_sums: bool = False) -> bool:
+def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, bd: int, nv: int, num_warps: int,
+                 channel_sums: bool = False) -> bool:
     """Whether the kernels' (NV, NH, BD) tiles are in the layout that their inline assembly is written for: NV
     consecutive states per thread, lane = nh + NH*d, NH*BD = 32 lanes of one warp. The loads of NV two-byte B/C
     values per thread set it (float32 rows take more loads per thread and get another layout), and only without
     channel masks (with them, a misaligned state store was seen on the H100); the interpreter has no lanes. The
     state stores need runs of 4 states (NV = 4 or 8); ``channel_sums``: also the backward's dB/dC sums, written for
     8 x 2 x 16 tiles (see _SUM_CHANNELS_ASM)."""
-    nv = cfg["NV"]
-    tile = (nv, n // nv, cfg["BD"])
+    tile = (nv, n // nv, bd)
     shape = tile == (8, 2, 16) if channel_sums else nv in (4, 8) and tile[1] * tile[2] == 32
-    return (n == 16 and shape and cfg["num_warps"] == 1 and B.element_size() == C.element_size() == 2
-            and dim % cfg["BD"] == 0 and not INTERPRET)
+    return (n == 16 and shape and num_warps == 1 and B.element_size() == C.element_size() == 2 and dim % bd == 0
+            and not INTERPRET)
 
 
 def _strides(*ts: torch.Tensor) -> list[int]:
@@ -820,8 +823,12 @@ class SelectiveScanFn(torch.autograd.Function):
         seg_len, n_seg = _segments(length, batch * n_blocks, cfg)
         busy = batch * n_blocks * n_seg >= cfg["busy"]
         steps, depth = (cfg[k] if busy else cfg[k + "_idle"] for k in ("U", "depth"))
-        lanes = _lanes_known(B, C, n, dim, cfg)
-        group = n // cfg["NV"] if cfg["group"] and (lanes or INTERPRET) and n // cfg["NV"] in (2, 4) else 1
+        bd, nv = cfg["BD"], min(n, cfg["NV"])
+        if not busy and n_seg == 1:  # about one warp per SM sub-partition, in one segment: the "_idle" tiles
+            bd, nv = cfg["BD_idle"], min(n, cfg["NV_idle"])
+            n_blocks = triton.cdiv(dim, bd)
+        lanes = _lanes_known(B, C, n, dim, bd, nv, cfg["num_warps"])
+        group = n // nv if cfg["group"] and (lanes or INTERPRET) and n // nv in (2, 4) else 1
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
 
@@ -830,10 +837,10 @@ class SelectiveScanFn(torch.autograd.Function):
                 u, delta, A, B, C, D_ if D_ is not None else A, z if z is not None else u,
                 bias if bias is not None else A, out, states, seg_state, seg_dt, length, dim, seg_len, 1,
                 int(save_states), *_strides(u, delta, z if z is not None else u, B, C, out),
-                N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], U=steps, DEPTH=depth, CHUNK=CHUNK, HAS_D=D is not None,
+                N=n, NV=nv, BD=bd, U=steps, DEPTH=depth, CHUNK=CHUNK, HAS_D=D is not None,
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 REVERSE=bool(reverse), STATE_ONLY=state_only, HAS_INIT=has_init,
-                MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0, LANES=lanes,
+                MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % bd != 0, LANES=lanes,
                 PRED_STORE=cfg["pred_store"], GROUP=group if steps % group == 0 else 1,
                 num_warps=cfg["num_warps"],
             )
@@ -879,7 +886,8 @@ class SelectiveScanFn(torch.autograd.Function):
                 N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
-                SHFL=_lanes_known(B, C, n, dim, cfg, channel_sums=True), PF=cfg["prefetch"], num_warps=cfg["num_warps"],
+                SHFL=_lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True),
+                PF=cfg["prefetch"], num_warps=cfg["num_warps"],
             )
 
         if length > 0:

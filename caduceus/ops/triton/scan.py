@@ -261,13 +261,15 @@ def _lanes_xor(x, S: tl.constexpr):
 
 
 @triton.jit
-def _from_lane(x, src, K: tl.constexpr):
-    """Row K of x (G, BD) in every row: on the GPU, the value that lane ``src`` = G*d + K holds (see _lanes_xor). For
-    G = 2 one butterfly shuffle, shared by both rows (it is pure, so computed once), and a select."""
-    rows = tl.arange(0, x.shape[0])[:, None]
-    if x.shape[0] == 2:
+def _from_lane(x, K: tl.constexpr):
+    """Row K of x (G, BD) in every row: on the GPU, the value that lane G*d + K holds (see _lanes_xor). For G = 2 one
+    butterfly shuffle, shared by both rows (it is pure, so computed once), and a select."""
+    G: tl.constexpr = x.shape[0]
+    rows = tl.arange(0, G)[:, None]
+    if G == 2:
         return tl.where(rows == K, x, _lanes_xor(x, 1))
     elif PTX:
+        src = K + G * tl.arange(0, x.shape[1])[None, :] + tl.zeros(x.shape, tl.int32)
         return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=r,r,r", [x, src],
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
@@ -298,22 +300,22 @@ def _reduce_scatter(parts, rows, G: tl.constexpr):
 
 
 @triton.jit
-def _fwd_group(h, dt_sum, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_dh, cols,
+def _fwd_group(h, dt_sum, blk, j, i0, end, A2, Dv, bias, out_ptr, o_row, o_step, offs_dh, cols,
                G: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, STATE_ONLY: tl.constexpr,
                MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
     """Steps j .. j+G-1 of a block with the per-channel work shared by the G lanes of each channel: lane r computes
     softplus, the output and the gate of step j + r only and the others read dt from it, so that each lane evaluates
     one softplus and one sigmoid per G steps instead of G. (G, BD) tiles hold a value per lane (``dt_sum`` too: each
-    lane sums its own steps); ``src[k]`` is the lane that holds step j + k of each lane's channel. The output is
-    stored through ``offs_dh``, the channel offsets with their contiguity hidden: otherwise Triton would give the
-    store a layout of consecutive channels on consecutive lanes and move the values there first."""
+    lane sums its own steps). The output is stored through ``offs_dh``, the channel offsets with their contiguity
+    hidden: otherwise Triton would give the store a layout of consecutive channels on consecutive lanes and move the
+    values there first."""
     us, dts, zs, Bs, Cs = blk
     rows = tl.arange(0, G)[:, None]
     valid = i0 + j + rows < end
     dt = _dt(_own(dts, j, rows, G), bias[None, :], valid, SOFTPLUS, MUFU, MASKED)
     parts = ()
     for k in tl.static_range(G):
-        dt_k = _from_lane(dt, src[k], k)
+        dt_k = _from_lane(dt, k)
         h = tl.exp2(dt_k[None] * A2) * h + (dt_k * us[j + k].to(tl.float32)[None, :])[None] * _wide(Bs[j + k])
         if not STATE_ONLY:
             parts = parts + (tl.sum(h * _wide(Cs[j + k]), axis=0),)
@@ -329,14 +331,14 @@ def _fwd_group(h, dt_sum, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_
 
 
 @triton.jit
-def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_d, offs_dh, cols,
+def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, o_row, o_step, offs_d, offs_dh, cols,
                U: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, STATE_ONLY: tl.constexpr,
                MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr, GROUP: tl.constexpr):
     """U steps of the scan from walk step i0 (inputs ``blk`` from _load_block), writing y unless STATE_ONLY."""
     if GROUP > 1:
         for j in tl.static_range(0, U, GROUP):
-            h, dt_sum = _fwd_group(h, dt_sum, blk, j, i0, end, A2, Dv, bias, src, out_ptr, o_row, o_step, offs_dh,
-                                   cols, GROUP, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, MASKED)
+            h, dt_sum = _fwd_group(h, dt_sum, blk, j, i0, end, A2, Dv, bias, out_ptr, o_row, o_step, offs_dh, cols,
+                                   GROUP, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, MASKED)
     else:
         us, dts, zs, Bs, Cs = blk
         for j in tl.static_range(U):
@@ -397,9 +399,6 @@ def _scan_fwd_kernel(
         h = tl.zeros([NV, N // NV, BD], tl.float32)
     dt_sum = tl.zeros([GROUP, BD], tl.float32) if GROUP > 1 else tl.zeros([BD], tl.float32)
     o_step = -s_ol if REVERSE else s_ol
-    src = ()  # with GROUP: src[k] = the lane of step k of a group, the k-th of the lanes of its channel
-    for k in tl.static_range(GROUP):
-        src = src + (k + GROUP * tl.arange(0, BD)[None, :] + tl.zeros([GROUP, BD], tl.int32),)
     # Blocks of U steps, each loaded DEPTH blocks ahead of its use, in a ring of DEPTH blocks (a shifting queue would
     # cost register moves). The main loop runs DEPTH full blocks an iteration, without masks, as long as the blocks
     # it loads are full too.
@@ -413,7 +412,7 @@ def _scan_fwd_kernel(
         for k in tl.static_range(DEPTH):
             i0 = i + k * U
             _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
-            h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, src, out_ptr,
+            h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
                                    _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U, HAS_Z,
                                    SOFTPLUS, STATE_ONLY, MUFU, COLS, False, GROUP)
             # Refill the slot just used, after its block: into registers free from here on, the loads issue while the
@@ -430,7 +429,7 @@ def _scan_fwd_kernel(
                           s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z and not STATE_ONLY, not STATE_ONLY,
                           REVERSE, U, COLS, True)
         _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, False)
-        h, dt_sum = _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, src, out_ptr,
+        h, dt_sum = _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr,
                                _walk(pid_b, i0, L, s_ob, s_ol, REVERSE),
                                o_step, offs_d, offs_dh, cols, U, HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, True, GROUP)
     if STATE_ONLY:

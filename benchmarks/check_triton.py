@@ -17,13 +17,12 @@ under no_grad in float64 on the GPU.
 ``--interpret`` runs the scan kernels in Triton's interpreter (TRITON_INTERPRET=1) on small shapes: their index
 arithmetic, masks, segments and both directions, forward and backward, with no GPU. It does not run inline PTX, so
 the paths that need the GPU's lane layout are checked through their portable forms (``--set`` takes FWD_CONFIG
-entries, ``bwd_KEY`` BWD_CONFIG's, as benchmarks/sass_scan.py does). Triton 3.6's interpreter needs numpy < 2.3.
+entries, ``bwd_KEY`` BWD_CONFIG's: benchmarks/settings.py). Triton 3.6's interpreter needs numpy < 2.3.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import itertools
 import os
 import sys
@@ -33,6 +32,7 @@ if "--interpret" in sys.argv:  # before Triton is imported: its jit decorator re
 
 import torch  # noqa: E402
 
+from benchmarks.settings import add_settings_argument, apply_settings  # noqa: E402
 from caduceus.ops import reference  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 
@@ -187,8 +187,7 @@ def main() -> None:
     parser.add_argument("--shard", default="1/1", help="I/N: run every N-th case from the I-th (default: all)")
     parser.add_argument("--only", help="run only the cases of this name ('scan', 'scan fwd', 'conv', ...)")
     parser.add_argument("--interpret", action="store_true", help="the scan on small shapes in Triton's interpreter")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a FWD_CONFIG entry (bwd_KEY: BWD_CONFIG's), e.g. --set group=True")
+    add_settings_argument(parser)
     args = parser.parse_args()
     shard, shards = (int(v) for v in args.shard.split("/"))
     if not 1 <= shard <= shards:
@@ -200,9 +199,7 @@ def main() -> None:
 
         if tuple(int(v) for v in numpy.__version__.split(".")[:2]) >= (2, 3):
             sys.exit(f"--interpret: Triton's interpreter needs numpy < 2.3 (numpy {numpy.__version__} is installed)")
-    for key, value in (item.split("=", 1) for item in args.set):
-        target = scan.BWD_CONFIG if key.startswith("bwd_") else scan.FWD_CONFIG
-        target[key.removeprefix("bwd_")] = ast.literal_eval(value)
+    apply_settings(scan, args.set)
     ok = run(args.quick, shard - 1, shards, args.only)
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     sys.exit(0 if ok else 1)

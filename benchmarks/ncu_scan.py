@@ -6,30 +6,28 @@
 
 The first call compiles (and is skipped by ``--launch-skip 1``); the second is the one profiled. At B = 16, D = 512
 the forward runs one program per (batch row, channel block), as at L = 131,072, so a shorter L gives the same
-kernel and the same per-step behaviour in less time. ``--set`` takes FWD_CONFIG entries (``bwd_KEY``: BWD_CONFIG's),
-like benchmarks/sass_scan.py.
+kernel and the same per-step behaviour in less time. ``--set`` takes FWD_CONFIG entries (``bwd_KEY``: BWD_CONFIG's; see
+benchmarks/settings.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 
 import torch
 
 from benchmarks.bench_gpu import scan_args
+from benchmarks.settings import add_settings_argument, apply_settings
 from caduceus.ops.triton import scan as triton_scan
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="16,16384,512", help="B,L,D")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_settings_argument(parser)
     parser.add_argument("--backward", action="store_true", help="also run the backward")
     args = parser.parse_args()
-    for key, value in (item.split("=", 1) for item in args.set):
-        target = triton_scan.BWD_CONFIG if key.startswith("bwd_") else triton_scan.FWD_CONFIG
-        target[key.removeprefix("bwd_")] = ast.literal_eval(value)
+    apply_settings(triton_scan, args.set)
     b, length, d = (int(x) for x in args.shape.split(","))
     leaves = [a.detach().requires_grad_(args.backward) for a in scan_args(b, length, d)]
     for _ in range(2):

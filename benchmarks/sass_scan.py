@@ -13,7 +13,6 @@ compiled with the specialisation it gets on the GPU (with no cut into time segme
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import os
 import re
@@ -24,6 +23,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver, jit
+
+from benchmarks.settings import add_settings_argument, apply_settings
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -60,9 +61,9 @@ def load_scan(path: str | None):
 
 
 def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | None = None,
-                 dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> dict[str, object]:
+                 dtype: torch.dtype = torch.bfloat16, settings: list[str] | None = None) -> dict[str, object]:
     """The compiled kernels of one forward and backward of the scan, by kernel name and the flags that tell the
-    launches of one kernel apart. ``config``: FWD_CONFIG entries to change (``bwd_`` before a key: BWD_CONFIG's)."""
+    launches of one kernel apart. ``settings``: KEY=VALUE launch settings (see benchmarks/settings.py)."""
     kernels: dict[str, object] = {}
     run = jit.JITFunction.run
 
@@ -76,9 +77,7 @@ def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | Non
     jit.JITFunction.run = compile_only
     try:
         scan = load_scan(path)
-        for key, value in (config or {}).items():
-            target = scan.BWD_CONFIG if key.startswith("bwd_") else scan.FWD_CONFIG
-            target[key.removeprefix("bwd_")] = value
+        apply_settings(scan, settings or [])
         bc = torch.randn(batch, length, 2 * n + 16, dtype=dtype)
         args = [torch.randn(batch, length, dim, dtype=dtype), torch.randn(batch, length, dim, dtype=dtype),
                 -torch.rand(dim, n), bc[..., 16:16 + n], bc[..., 16 + n:], torch.randn(dim),
@@ -128,14 +127,12 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a FWD_CONFIG entry (bwd_KEY: BWD_CONFIG's), e.g. --set BD=8 --set NV=4")
+    add_settings_argument(parser)
     parser.add_argument("--file", help="compile this copy of scan.py instead of the package's")
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
     args = parser.parse_args()
-    config = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.set)}
     kernels = compile_scan(args.batch, args.length, args.dim, path=args.file, dtype=getattr(torch, args.dtype),
-                           config=config)
+                           settings=args.set)
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel in kernels.items():
             file = re.sub(r"[^A-Za-z0-9_=]+", "_", name)

@@ -113,7 +113,9 @@ SWEEP_BWD = [{},
              {"prefetch": 4},
              {"programs": 2048},
              {"SUB": 2},
-             {"cut_below": 0}]
+             {"cut_below": 0},
+             {"smem_sums": False},
+             {"maxnreg": 168}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,

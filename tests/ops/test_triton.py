@@ -62,6 +62,17 @@ def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, 
     _check_scan(dtype, reverse, batch, length, dim, full=True)
 
 
+# Backward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the dB/dC channel sums
+# by a shuffle butterfly instead of through shared memory (both need the bf16 B/C layout these shapes give).
+@pytest.mark.parametrize("config", [{"smem_sums": False}, {"prefetch": 0}])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("batch", "length", "dim"), [(2, 513, 512), (32, 300, 256)])
+def test_selective_scan_backward_settings(config, reverse, batch, length, dim, monkeypatch) -> None:
+    for key, value in config.items():
+        monkeypatch.setitem(scan.BWD_CONFIG, key, value)
+    _check_scan(torch.bfloat16, reverse, batch, length, dim, full=True)
+
+
 def _check_scan(dtype: torch.dtype, reverse: bool, batch: int, length: int, dim: int, full: bool) -> None:
     """Output and every gradient against the float64 reference, inputs laid out as the model passes them."""
     torch.manual_seed(length + dim)

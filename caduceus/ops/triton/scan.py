@@ -43,13 +43,15 @@ CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 o
 # fewer than ``busy`` programs the forward takes the "_idle" tiles (4 lanes per channel: twice the warps to hide
 # latency). pred_store: the forward's state store before each block predicated within its assembly rather than under
 # a branch, so that the loop body is one basic block for ptxas to schedule. group: the per-channel work of G steps
-# (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group).
+# (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group). smem_sums: the backward's
+# dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM).
+# maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
               "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
               "group": True}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
-              "prefetch": 2}
+              "prefetch": 2, "smem_sums": True, "maxnreg": None}
 
 
 @triton.jit
@@ -111,15 +113,40 @@ def _walk(pid_b, i, L, s_b, s_l, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch(ptr, pid_b, i0, L, s_b, s_l, offs, REVERSE: tl.constexpr, STEPS: tl.constexpr):
-    """Ask L2 for the rows of walk steps i0..i0+STEPS-1 (clamped to the sequence). Unlike a load, a prefetch holds no
-    register until its data arrive, so the backward's loops, whose registers are spoken for, can ask pieces ahead."""
+def _prefetch_lanes(ptrs, s_bs, s_ls, firsts, lasts, pid_b, STEPS: tl.constexpr, LANES: tl.constexpr):
+    """Addresses for ``_prefetch``, computed once per program: row j of array k (ptrs[k], batch stride s_bs[k], step
+    stride s_ls[k], elements firsts[k] .. lasts[k] of a row) gets two lanes, its first and its last element (a row
+    of 32 bytes may straddle two sectors). Returns each lane's address at walk step 0 (bytes, int64), its bytes per
+    step and its step j; lanes past the last row repeat the first ones."""
+    K: tl.constexpr = len(ptrs)
+    e = tl.arange(0, LANES)
+    k_of = (e // (2 * STEPS)) % K
+    last = (e % 2) == 1
+    base = tl.zeros([LANES], tl.int64)
+    stride = tl.zeros([LANES], tl.int64)
+    for k in tl.static_range(K):
+        row = ptrs[k] + pid_b.to(tl.int64) * s_bs[k] + tl.where(last, lasts[k], firsts[k])
+        at = row.to(tl.int64, bitcast=True)
+        base = tl.where(k_of == k, at, base)
+        stride = tl.where(k_of == k, (row + s_ls[k]).to(tl.int64, bitcast=True) - at, stride)
+    return base, stride, (e // 2) % STEPS
+
+
+@triton.jit
+def _prefetch(lanes, i0, L, ROWS: tl.constexpr, REVERSE: tl.constexpr):
+    """Ask L2 for the first ROWS rows of ``lanes`` (_prefetch_lanes) at walk steps i0 .. i0+STEPS-1, clamped to the
+    sequence: one prefetch instruction per 16 rows instead of one per row (each with its own address arithmetic).
+    Unlike a load, a prefetch holds no register until its data arrive, so the backward's loops, whose registers are
+    spoken for, can ask pieces ahead."""
     if PTX:
-        for j in tl.static_range(STEPS):
-            i = tl.minimum(tl.maximum(i0 + j, 0), L - 1)
-            addr = (ptr + _walk(pid_b, i, L, s_b, s_l, REVERSE) + offs).to(tl.int64, bitcast=True)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.b32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
-                                      is_pure=False, pack=1)
+        base, stride, j = lanes
+        t = tl.minimum(tl.maximum(i0 + j, 0), L - 1)
+        if REVERSE:
+            t = L - 1 - t
+        on = (tl.arange(0, base.shape[0]) < 2 * ROWS).to(tl.int32)
+        tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $2, 0;\n@p prefetch.global.L2 [$1];\n"
+                                  "mov.b32 $0, 0;\n}", "=r,l,r", [base + t.to(tl.int64) * stride, on],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -469,12 +496,41 @@ setp.ne.u32 p, bit, 0;
         for m, h in ((8, 4), (4, 2), (2, 1)))
     + "setp.ne.s32 p, $32, 0;\n@p st.global.f32 [$24], k0;\n" + "".join(f"mov.b32 ${i}, 0;\n" for i in range(8)) + "}")
 
+# The same sums and stores through shared memory: each lane writes its 16 values as 4 vectors into its channel's row
+# (16 rows of 36 words: 32 sums and a pad that keeps both the vector writes and the column reads free of bank
+# conflicts), then lane (nh, d) reads its column from the 16 rows and adds them in a fixed tree: 4 + 16 shared
+# memory accesses and 15 adds against the butterfly's 30 selects, 15 shuffles and 15 adds. Each use declares its own
+# buffer; the barrier at the end keeps the next write to it behind every lane's reads.
+_SUM_CHANNELS_SMEM_ASM: tl.constexpr = tl.constexpr("""{
+.shared .align 16 .b32 sums[576];
+.reg .pred p;
+.reg .b32 lane, a, b, t<16>;
+mov.u32 lane, %laneid;
+mov.u32 a, sums;
+shr.b32 b, lane, 1;
+mad.lo.u32 a, b, 144, a;
+and.b32 b, lane, 1;
+mad.lo.u32 a, b, 64, a;
+""" + "".join(f"st.shared.v4.b32 [a+{16 * q}], {{${8 + 4 * q}, ${9 + 4 * q}, ${10 + 4 * q}, ${11 + 4 * q}}};\n"
+              for q in range(4))
+    + """bar.warp.sync -1;
+mov.u32 a, sums;
+and.b32 b, lane, 1;
+mad.lo.u32 a, b, 64, a;
+shr.b32 b, lane, 1;
+mad.lo.u32 a, b, 4, a;
+""" + "".join(f"ld.shared.b32 t{r}, [a+{144 * r}];\n" for r in range(16))
+    + "".join(f"add.f32 t{i}, t{i}, t{i + w};\n" for w in (1, 2, 4, 8) for i in range(0, 16, 2 * w))
+    + "setp.ne.s32 p, $32, 0;\n@p st.global.f32 [$24], t0;\nbar.warp.sync -1;\n"
+    + "".join(f"mov.b32 ${i}, 0;\n" for i in range(8)) + "}")
+
 
 @triton.jit
-def _store_channel_sums(ptrs, dB, dC, flags):
-    """_SUM_CHANNELS_ASM on (8, 2, 16) tiles: ``ptrs`` and ``flags`` (int32) give each lane's address and whether to
-    store, in its element v = 0."""
-    tl.inline_asm_elementwise(_SUM_CHANNELS_ASM, "=r," * 8 + "r," * 16 + "l," * 8 + "r," * 7 + "r",
+def _store_channel_sums(ptrs, dB, dC, flags, SMEM: tl.constexpr):
+    """_SUM_CHANNELS_ASM (or with SMEM _SUM_CHANNELS_SMEM_ASM) on (8, 2, 16) tiles: ``ptrs`` and ``flags`` (int32)
+    give each lane's address and whether to store, in its element v = 0."""
+    tl.inline_asm_elementwise(_SUM_CHANNELS_SMEM_ASM if SMEM else _SUM_CHANNELS_ASM,
+                              "=r," * 8 + "r," * 16 + "l," * 8 + "r," * 7 + "r",
                               [dB, dC, ptrs.to(tl.int64, bitcast=True), flags], dtype=tl.int32, is_pure=False, pack=8)
 
 
@@ -522,7 +578,7 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
                offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias,
                N: tl.constexpr, NV: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
                REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr,
-               SHFL: tl.constexpr):
+               SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr):
     """Walk steps i0+SUB-1..i0 backwards from the state ``h`` before i0: the piece's states and decays into
     registers, then the adjoint step by step, writing du, ddt, dz and the channel block's dB/dC rows."""
     us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
@@ -571,7 +627,7 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
         dB = dh * _bc(dt * u)
         dC = hs[j + 1] * _bc(g)
         if SHFL:
-            _store_channel_sums(part + bc_offs, dB, dC, (bc_first & valid).to(tl.int32))
+            _store_channel_sums(part + bc_offs, dB, dC, (bc_first & valid).to(tl.int32), SMEM_SUMS)
         else:
             _store(part + bc_offs, tl.sum(dB, axis=2), bc_first, valid, False, MASKED)
             _store(part + N + bc_offs, tl.sum(dC, axis=2), bc_first, valid, False, MASKED)
@@ -589,7 +645,7 @@ def _scan_bwd_kernel(
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, SHFL: tl.constexpr, PF: tl.constexpr,
+    COLS: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, PF: tl.constexpr, PF_LANES: tl.constexpr,
 ):
     """Gradients for one (batch row, channel block, segment of SEG walk steps, a multiple of CHUNK). du, ddt, dz share
     dout's (b, l, d) strides; the dB and dC partials are (b, channel block, l, 2N) (dB then dC); dA (b, segment, d,
@@ -620,20 +676,17 @@ def _scan_bwd_kernel(
         dh = tl.load(seg_adj, mask=mask_dn, other=0.0)
     else:
         dh = tl.zeros([NV, N // NV, BD], tl.float32)
-    # Prefetch addresses of B and C rows: the first and last state, so that both 32-byte sectors of a bf16 row come.
-    pf_bc = (tl.arange(0, BD) % 2) * (N - 1)
+    first_d = pid_d * BD
+    last_d = first_d + BD - 1
     if ADJ_ONLY:
         dt_sum = tl.zeros([BD], tl.float32)
         n_sub = tl.cdiv(end - start, SUB)
+        pf = _prefetch_lanes((dt_ptr, dout_ptr, C_ptr, z_ptr), (s_tb, s_gb, s_Cb, s_zb), (s_tl, s_gl, s_Cl, s_zl),
+                             (first_d, first_d, 0, first_d), (last_d, last_d, N - 1, last_d), pid_b, SUB, PF_LANES)
         for s_rev in range(n_sub):
             i0 = start + (n_sub - 1 - s_rev) * SUB
             if PF > 0:
-                i_pf = i0 - PF * SUB
-                _prefetch(dt_ptr, pid_b, i_pf, L, s_tb, s_tl, offs_d, REVERSE, SUB)
-                _prefetch(dout_ptr, pid_b, i_pf, L, s_gb, s_gl, offs_d, REVERSE, SUB)
-                _prefetch(C_ptr, pid_b, i_pf, L, s_Cb, s_Cl, pf_bc, REVERSE, SUB)
-                if HAS_Z:
-                    _prefetch(z_ptr, pid_b, i_pf, L, s_zb, s_zl, offs_d, REVERSE, SUB)
+                _prefetch(pf, i0 - PF * SUB, L, (3 + HAS_Z) * SUB, REVERSE)
             if i0 + SUB <= L:
                 dh, dt_sum = _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb,
                                         s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB, HAS_Z,
@@ -664,6 +717,10 @@ def _scan_bwd_kernel(
         dA_acc = tl.zeros([NV, N // NV, BD], tl.float32)
         dD_acc = tl.zeros([BD], tl.float32)
         dbias_acc = tl.zeros([BD], tl.float32)
+        # The recompute walk prefetches the first three arrays, the adjoint walk all of them.
+        pf = _prefetch_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb),
+                             (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d, 0, first_d),
+                             (last_d, last_d, N - 1, last_d, N - 1, last_d), pid_b, SUB, PF_LANES)
         c_first = start // CHUNK
         n_seg_chunks = tl.cdiv(end - start, CHUNK)
         for c_rev in range(n_seg_chunks):
@@ -674,10 +731,7 @@ def _scan_bwd_kernel(
             for s in range(n_sub):
                 i0 = c * CHUNK + s * SUB
                 if PF > 0:
-                    i_pf = i0 + PF * SUB
-                    _prefetch(u_ptr, pid_b, i_pf, L, s_ub, s_ul, offs_d, REVERSE, SUB)
-                    _prefetch(dt_ptr, pid_b, i_pf, L, s_tb, s_tl, offs_d, REVERSE, SUB)
-                    _prefetch(B_ptr, pid_b, i_pf, L, s_Bb, s_Bl, pf_bc, REVERSE, SUB)
+                    _prefetch(pf, i0 + PF * SUB, L, 3 * SUB, REVERSE)
                 _store_states(scratch + s * BD * N, h, ones, SHFL)
                 if i0 + SUB <= L:
                     h = _recompute_piece(h, pid_b, i0, L, u_ptr, dt_ptr, B_ptr, s_ub, s_ul, s_tb, s_tl, s_Bb, s_Bl,
@@ -690,27 +744,20 @@ def _scan_bwd_kernel(
                 s = n_sub - 1 - s_rev
                 i0 = c * CHUNK + s * SUB
                 if PF > 0:
-                    i_pf = i0 - PF * SUB
-                    _prefetch(u_ptr, pid_b, i_pf, L, s_ub, s_ul, offs_d, REVERSE, SUB)
-                    _prefetch(dt_ptr, pid_b, i_pf, L, s_tb, s_tl, offs_d, REVERSE, SUB)
-                    _prefetch(dout_ptr, pid_b, i_pf, L, s_gb, s_gl, offs_d, REVERSE, SUB)
-                    _prefetch(B_ptr, pid_b, i_pf, L, s_Bb, s_Bl, pf_bc, REVERSE, SUB)
-                    _prefetch(C_ptr, pid_b, i_pf, L, s_Cb, s_Cl, pf_bc, REVERSE, SUB)
-                    if HAS_Z:
-                        _prefetch(z_ptr, pid_b, i_pf, L, s_zb, s_zl, offs_d, REVERSE, SUB)
+                    _prefetch(pf, i0 - PF * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
                 h = tl.load(scratch + s * BD * N)
                 if i0 + SUB <= L:
                     dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
                         dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
                         s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, SUB,
-                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL)
+                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL, SMEM_SUMS)
                 else:
                     dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
                         dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
                         s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, SUB,
-                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL)
+                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL, SMEM_SUMS)
         tl.store(dA_ptr + seg.to(tl.int64) * DIM * N + dn, dA_acc, mask=mask_dn)
         tl.store(dD_ptr + seg * DIM + offs_d, dD_acc, mask=cols)
         tl.store(dbias_ptr + seg * DIM + offs_d, dbias_acc, mask=cols)
@@ -888,7 +935,9 @@ class SelectiveScanFn(torch.autograd.Function):
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
                 SHFL=_lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True),
-                PF=cfg["prefetch"], num_warps=cfg["num_warps"],
+                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"],
+                PF_LANES=triton.next_power_of_2(2 * cfg["SUB"] * (4 if adj_only else 6)),
+                num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
             )
 
         if length > 0:

@@ -114,7 +114,7 @@ SWEEP_BWD = [{},
              {"programs": 2048},
              {"SUB": 2},
              {"cut_below": 0},
-             {"smem_sums": False},
+             {"smem_sums": True},
              {"maxnreg": 168}]
 
 

@@ -1,16 +1,16 @@
 """Mamba-1 selective scan in Triton, (batch, length, channels) layout.
 
-One program owns a batch row and a block of ``BD`` channels; its state ``h[N, BD]`` stays in registers while it walks
-time sequentially (work-efficient: one exp2 per state element). Inputs are loaded in blocks of ``U`` steps, ``DEPTH``
-blocks ahead of use, because Triton does not software-pipeline a sequential loop and a step would otherwise wait for
-its own loads. A channel's N states are spread over N / NV lanes, which share its per-channel work (softplus, output,
-gate) step by step in the forward (``_fwd_group``). ``reverse`` only changes the index arithmetic. The forward saves
-the state every ``CHUNK`` steps; the backward walks the chunks in reverse, recomputes each ``SUB``-step piece into
-registers (states and decays, so the reverse step needs no exp of its own) and runs the adjoint back over it. dB and
-dC are summed over the program's channels (a shuffle reduce-scatter), written per channel block and summed in a fixed
-order. Both directions cut time into segments run in parallel when (batch, channel block) programs are too few:
-state (forward) or adjoint (backward) is passed between segments by a small chaining kernel (a parallel scan over
-the segments).
+One program owns a batch row and a block of ``BD`` channels; its state ``h[N, BD]`` stays in registers while it
+walks time sequentially (work-efficient: one exp2 per state element). Inputs are loaded in blocks of ``U`` steps,
+``DEPTH`` blocks ahead of use, because Triton does not software-pipeline a sequential loop and a step would
+otherwise wait for its own loads. A channel's N states are spread over N / NV lanes, which share its per-channel
+work (softplus, output, gate) step by step in the forward (``_fwd_group``). ``reverse`` only changes the index
+arithmetic. The forward saves the state every ``CHUNK`` steps; the backward walks the chunks in reverse, recomputes
+each ``SUB``-step piece into registers (states and decays, so the reverse step needs no exp of its own) and runs the
+adjoint back over it. dB and dC are summed over the program's channels (a shuffle reduce-scatter, or through shared
+memory), written per channel block and summed in a fixed order. Both directions cut time into segments run in
+parallel when (batch, channel block) programs are too few: state (forward) or adjoint (backward) is passed between
+segments by a small chaining kernel (a parallel scan over the segments).
 
 Per-step instruction count is what the kernels are tuned on (read from the sm_90 SASS): the time strides are
 constexprs (row offsets within a block become immediates), only the last blocks carry step masks, every per-channel

@@ -114,12 +114,15 @@ def _walk(pid_b, i, L, s_b, s_l, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_lanes(ptrs, s_bs, s_ls, firsts, lasts, pid_b, STEPS: tl.constexpr, LANES: tl.constexpr):
+def _prefetch_lanes(ptrs, s_bs, s_ls, firsts, lasts, pid_b, STEPS: tl.constexpr):
     """Addresses for ``_prefetch``, computed once per program: row j of array k (ptrs[k], batch stride s_bs[k], step
     stride s_ls[k], elements firsts[k] .. lasts[k] of a row) gets two lanes, its first and its last element (a row
     of 32 bytes may straddle two sectors). Returns each lane's address at walk step 0 (bytes, int64), its bytes per
-    step and its step j; lanes past the last row repeat the first ones."""
+    step and its step j, for 16 * STEPS lanes (up to 8 arrays; STEPS a power of 2); lanes past the last row repeat the
+    first ones."""
     K: tl.constexpr = len(ptrs)
+    tl.static_assert(K <= 8)
+    LANES: tl.constexpr = 16 * STEPS
     e = tl.arange(0, LANES)
     k_of = (e // (2 * STEPS)) % K
     last = (e % 2) == 1
@@ -646,7 +649,7 @@ def _scan_bwd_kernel(
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, PF: tl.constexpr, PF_LANES: tl.constexpr,
+    COLS: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, PF: tl.constexpr,
 ):
     """Gradients for one (batch row, channel block, segment of SEG walk steps, a multiple of CHUNK). du, ddt, dz share
     dout's (b, l, d) strides; the dB and dC partials are (b, channel block, l, 2N) (dB then dC); dA (b, segment, d,
@@ -683,7 +686,7 @@ def _scan_bwd_kernel(
         dt_sum = tl.zeros([BD], tl.float32)
         n_sub = tl.cdiv(end - start, SUB)
         pf = _prefetch_lanes((dt_ptr, dout_ptr, C_ptr, z_ptr), (s_tb, s_gb, s_Cb, s_zb), (s_tl, s_gl, s_Cl, s_zl),
-                             (first_d, first_d, 0, first_d), (last_d, last_d, N - 1, last_d), pid_b, SUB, PF_LANES)
+                             (first_d, first_d, 0, first_d), (last_d, last_d, N - 1, last_d), pid_b, SUB)
         for s_rev in range(n_sub):
             i0 = start + (n_sub - 1 - s_rev) * SUB
             if PF > 0:
@@ -721,7 +724,7 @@ def _scan_bwd_kernel(
         # The recompute walk prefetches the first three arrays, the adjoint walk all of them.
         pf = _prefetch_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb),
                              (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d, 0, first_d),
-                             (last_d, last_d, N - 1, last_d, N - 1, last_d), pid_b, SUB, PF_LANES)
+                             (last_d, last_d, N - 1, last_d, N - 1, last_d), pid_b, SUB)
         c_first = start // CHUNK
         n_seg_chunks = tl.cdiv(end - start, CHUNK)
         for c_rev in range(n_seg_chunks):
@@ -936,9 +939,7 @@ class SelectiveScanFn(torch.autograd.Function):
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
                 SHFL=_lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True),
-                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"],
-                PF_LANES=triton.next_power_of_2(2 * cfg["SUB"] * (4 if adj_only else 6)),
-                num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
+                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"], num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
             )
 
         if length > 0:

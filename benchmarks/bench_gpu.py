@@ -114,7 +114,7 @@ SWEEP_BWD = [{},
              {"programs": 2048},
              {"SUB": 2},
              {"cut_below": 0},
-             {"smem_sums": True},
+             {"smem_sums": False},
              {"maxnreg": 168}]
 
 

@@ -7,8 +7,8 @@ otherwise wait for its own loads. A channel's N states are spread over N / NV la
 work (softplus, output, gate) step by step in the forward (``_fwd_group``). ``reverse`` only changes the index
 arithmetic. The forward saves the state every ``CHUNK`` steps; the backward walks the chunks in reverse, recomputes
 each ``SUB``-step piece into registers (states and decays, so the reverse step needs no exp of its own) and runs the
-adjoint back over it. dB and dC are summed over the program's channels (a shuffle reduce-scatter, or through shared
-memory), written per channel block and summed in a fixed order. Both directions cut time into segments run in
+adjoint back over it. dB and dC are summed over the program's channels (through shared memory, or a shuffle
+reduce-scatter), written per channel block and summed in a fixed order. Both directions cut time into segments run in
 parallel when (batch, channel block) programs are too few: state (forward) or adjoint (backward) is passed between
 segments by a small chaining kernel (a parallel scan over the segments).
 
@@ -44,15 +44,15 @@ CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 o
 # latency). pred_store: the forward's state store before each block predicated within its assembly rather than under
 # a branch, so that the loop body is one basic block for ptxas to schedule. group: the per-channel work of G steps
 # (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group). smem_sums: the backward's
-# dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM;
-# off until it has run on a GPU).
+# dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM:
+# 5% faster backward on the H200).
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
               "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
               "group": True}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
-              "prefetch": 2, "smem_sums": False, "maxnreg": None}
+              "prefetch": 2, "smem_sums": True, "maxnreg": None}
 
 
 @triton.jit

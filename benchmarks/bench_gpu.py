@@ -115,7 +115,8 @@ SWEEP_BWD = [{},
              {"SUB": 2},
              {"cut_below": 0},
              {"smem_sums": False},
-             {"maxnreg": 168}]
+             {"maxnreg": 168},
+             {"SUB": 2, "maxnreg": 168}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,

@@ -116,7 +116,8 @@ SWEEP_BWD = [{},
              {"cut_below": 0},
              {"smem_sums": False},
              {"maxnreg": 168},
-             {"SUB": 2, "maxnreg": 168}]
+             {"SUB": 2, "maxnreg": 168},
+             {"SUB": 2, "maxnreg": 128}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,

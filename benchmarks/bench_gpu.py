@@ -117,18 +117,21 @@ SWEEP_BWD = [{},
              {"smem_sums": False},
              {"maxnreg": 168},
              {"SUB": 2, "maxnreg": 168},
-             {"SUB": 2, "maxnreg": 128}]
+             {"SUB": 2, "maxnreg": 128},
+             {"chunk": 128},
+             {"chunk": 64},
+             {"SUB": 2, "maxnreg": 168, "chunk": 64}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,
           entries: list[int] | None = None, warm: bool = False) -> list[dict]:
     """Launch configurations (scan.FWD_CONFIG, scan.BWD_CONFIG) of the forward or the backward at one shape: steps
-    per prefetched block U and blocks loaded ahead (with many or few programs) or piece length SUB and L2 prefetch
-    distance in pieces, the number of programs that time segments make up to, the MUFU log2 and reciprocal on or off.
-    The forward also tries other tiles (channels per program, states per thread) and a branch-free loop body. Each
-    entry is a change from the default; the first is the default itself. ``entries``: only these (indices);
-    ``warm``: run each once, untimed, to fill Triton's cache (compiling dominates a sweep: warm entries in parallel
-    processes, then time them in one)."""
+    per prefetched block U and blocks loaded ahead (with many or few programs) or piece length SUB, L2 prefetch
+    distance in pieces, steps between saved states and a register cap, the number of programs that time segments
+    make up to, the MUFU log2 and reciprocal on or off. The forward also tries other tiles (channels per program,
+    states per thread) and a branch-free loop body. Each entry is a change from the default; the first is the
+    default itself. ``entries``: only these (indices); ``warm``: run each once, untimed, to fill Triton's cache
+    (compiling dominates a sweep: warm entries in parallel processes, then time them in one)."""
     config, configs = ((triton_scan.FWD_CONFIG, SWEEP_FWD) if direction == "fwd"
                        else (triton_scan.BWD_CONFIG, SWEEP_BWD))
     rows = []

@@ -64,9 +64,9 @@ def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, 
 
 # Backward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the dB/dC channel sums
 # by the shuffle butterfly (it needs the bf16 B/C layout these shapes give), no L2 prefetch, a register cap (spills),
-# pieces of 2 steps under the same cap (no spills in the loops).
+# pieces of 2 steps under the same cap (no spills in the loops), states saved every 64 steps.
 @pytest.mark.parametrize("config", [{"smem_sums": False}, {"prefetch": 0}, {"maxnreg": 168},
-                                    {"SUB": 2, "maxnreg": 168}])
+                                    {"SUB": 2, "maxnreg": 168}, {"chunk": 64}])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("batch", "length", "dim"), [(2, 513, 512), (32, 300, 256)])
 def test_selective_scan_backward_settings(config, reverse, batch, length, dim, monkeypatch) -> None:
@@ -125,7 +125,7 @@ def test_selective_scan_many_segments(reverse, monkeypatch) -> None:
         monkeypatch.setitem(config, "cut_below", 1 << 30)
         monkeypatch.setitem(config, "programs", 80)
     torch.manual_seed(40)
-    batch, length, dim, n = 1, 40 * scan.CHUNK, 32, 16
+    batch, length, dim, n = 1, 40 * scan.BWD_CONFIG["chunk"], 32, 16
     args = [torch.randn(batch, length, dim, device="cuda"), torch.randn(batch, length, dim, device="cuda") * 0.5,
             -torch.rand(dim, n, device="cuda") * n, torch.randn(batch, length, n, device="cuda"),
             torch.randn(batch, length, n, device="cuda"), torch.randn(dim, device="cuda"),

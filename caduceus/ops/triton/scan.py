@@ -5,7 +5,7 @@ walks time sequentially (work-efficient: one exp2 per state element). Inputs are
 ``DEPTH`` blocks ahead of use, because Triton does not software-pipeline a sequential loop and a step would
 otherwise wait for its own loads. A channel's N states are spread over N / NV lanes, which share its per-channel
 work (softplus, output, gate) step by step in the forward (``_fwd_group``). ``reverse`` only changes the index
-arithmetic. The forward saves the state every ``CHUNK`` steps; the backward walks the chunks in reverse, recomputes
+arithmetic. The forward saves the state every ``chunk`` steps; the backward walks the chunks in reverse, recomputes
 each ``SUB``-step piece into registers (states and decays, so the reverse step needs no exp of its own) and runs the
 adjoint back over it. dB and dC are summed over the program's channels (through shared memory, or a shuffle
 reduce-scatter), written per channel block and summed in a fixed order. Both directions cut time into segments run in
@@ -31,7 +31,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PTX = tl.constexpr(not INTERPRET)
 
-CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 of a bf16 (b, l, d) tensor
 # Time is cut into segments when fewer than ``cut_below`` (batch, channel block) programs would run, into as many as
 # make about ``programs`` programs; the forward's cut costs a second pass over the exps, the backward's does not.
 # U: steps per prefetched block; depth: blocks loaded ahead. mufu: softplus' log2 and the sigmoid's reciprocal as
@@ -47,12 +46,15 @@ CHUNK = 256  # steps between saved states: B*D*N*4 bytes per CHUNK steps, ~1/8 o
 # dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM:
 # 5% faster backward on the H200).
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
+# chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps, ~1/8 of a bf16
+# (b, l, d) tensor at 256); the backward recomputes a chunk's chunk / SUB piece states into an L2 scratch (64 KB per
+# program at 256: more than L2 holds for all resident programs, the reason to try less).
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
               "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
               "group": True}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
-              "prefetch": 2, "smem_sums": True, "maxnreg": None}
+              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 256}
 
 
 @triton.jit
@@ -813,11 +815,11 @@ def _chain_segments(seg: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor, re
     return recv
 
 
-def _segments(length: int, programs: int, cfg: dict) -> tuple[int, int]:
-    """Segment length (a multiple of CHUNK) and count: one segment from ``cfg["cut_below"]`` programs on, else such
-    that programs * count reaches about ``cfg["programs"]``."""
+def _segments(length: int, programs: int, cfg: dict, chunk: int) -> tuple[int, int]:
+    """Segment length (a multiple of ``chunk``) and count: one segment from ``cfg["cut_below"]`` programs on, else
+    such that programs * count reaches about ``cfg["programs"]``."""
     target = cfg["programs"] if programs < cfg["cut_below"] else 1
-    seg_len = max(CHUNK, triton.cdiv(triton.cdiv(length, triton.cdiv(target, programs)), CHUNK) * CHUNK)
+    seg_len = max(chunk, triton.cdiv(triton.cdiv(length, triton.cdiv(target, programs)), chunk) * chunk)
     return seg_len, triton.cdiv(length, seg_len)
 
 
@@ -868,11 +870,12 @@ class SelectiveScanFn(torch.autograd.Function):
         bias = delta_bias.float().contiguous() if delta_bias is not None else None
         out = torch.empty_like(u, memory_format=torch.contiguous_format)
         save = any(ctx.needs_input_grad)
-        states = u.new_empty((batch, triton.cdiv(length, CHUNK), dim, n) if save else (1,), dtype=torch.float32)
+        chunk = BWD_CONFIG["chunk"]
+        states = u.new_empty((batch, triton.cdiv(length, chunk), dim, n) if save else (1,), dtype=torch.float32)
         cfg = FWD_CONFIG
         n_blocks = triton.cdiv(dim, cfg["BD"])
         # Few (batch, channel block) programs leave most SMs idle: cut time into segments run in parallel.
-        seg_len, n_seg = _segments(length, batch * n_blocks, cfg)
+        seg_len, n_seg = _segments(length, batch * n_blocks, cfg, chunk)
         busy = batch * n_blocks * n_seg >= cfg["busy"]
         steps, depth = (cfg[k] if busy else cfg[k + "_idle"] for k in ("U", "depth"))
         bd, nv = cfg["BD"], min(n, cfg["NV"])
@@ -889,7 +892,7 @@ class SelectiveScanFn(torch.autograd.Function):
                 u, delta, A, B, C, D_ if D_ is not None else A, z if z is not None else u,
                 bias if bias is not None else A, out, states, seg_state, seg_dt, length, dim, seg_len, 1,
                 int(save_states), *_strides(u, delta, z if z is not None else u, B, C, out),
-                N=n, NV=nv, BD=bd, U=steps, DEPTH=depth, CHUNK=CHUNK, HAS_D=D is not None,
+                N=n, NV=nv, BD=bd, U=steps, DEPTH=depth, CHUNK=chunk, HAS_D=D is not None,
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 REVERSE=bool(reverse), STATE_ONLY=state_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % bd != 0, LANES=lanes,
@@ -905,6 +908,7 @@ class SelectiveScanFn(torch.autograd.Function):
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D_, z, bias, states)
             ctx.flags = (D is not None, z is not None, delta_bias is not None, bool(delta_softplus), bool(reverse))
+            ctx.chunk = chunk
             ctx.dtypes = (D.dtype if D is not None else None, delta_bias.dtype if delta_bias is not None else None)
         return out
 
@@ -921,21 +925,22 @@ class SelectiveScanFn(torch.autograd.Function):
         du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         ddelta = torch.empty(u.shape, dtype=delta.dtype, device=u.device)
         dz = torch.empty(u.shape, dtype=z.dtype, device=u.device) if has_z else None
-        seg_len, n_seg = _segments(length, batch * n_blocks, cfg)
+        chunk = ctx.chunk
+        seg_len, n_seg = _segments(length, batch * n_blocks, cfg, chunk)
         dA = torch.empty(batch, n_seg, dim, n, **f32)
         dD = torch.empty(batch, n_seg, dim, **f32)
         dbias = torch.empty(batch, n_seg, dim, **f32)
         dBC = torch.empty(batch, n_blocks, length, 2 * n, **f32)
         seg_adj = torch.empty(batch, n_seg, dim, n, **f32)
         seg_dt = torch.empty(batch, n_seg, dim, **f32)
-        scratch = torch.empty(batch * n_blocks * n_seg * (CHUNK // cfg["SUB"]) * cfg["BD"] * n, **f32)
+        scratch = torch.empty(batch * n_blocks * n_seg * (chunk // cfg["SUB"]) * cfg["BD"] * n, **f32)
 
         def launch(seg_adj: torch.Tensor, adj_only: bool, has_init: bool) -> None:
             _scan_bwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if has_d else A, z if has_z else u, bias if has_bias else A, dout, states,
                 scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dBC,
                 length, dim, seg_len, 1, *_strides(u, delta, z if has_z else u, B, C, dout),
-                N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=CHUNK, HAS_D=has_d, HAS_Z=has_z,
+                N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=chunk, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
                 SHFL=_lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True),

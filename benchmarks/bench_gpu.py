@@ -116,11 +116,11 @@ SWEEP_BWD = [{},
              {"cut_below": 0},
              {"smem_sums": False},
              {"maxnreg": 168},
-             {"SUB": 2, "maxnreg": 168},
-             {"SUB": 2, "maxnreg": 128},
+             {"SUB": 2, "maxnreg": 168, "prefetch": 4},
+             {"SUB": 2, "maxnreg": 128, "prefetch": 4},
              {"chunk": 128},
              {"chunk": 64},
-             {"SUB": 2, "maxnreg": 168, "chunk": 64}]
+             {"SUB": 2, "maxnreg": 168, "chunk": 64, "prefetch": 4}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,

@@ -64,9 +64,10 @@ def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, 
 
 # Backward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the dB/dC channel sums
 # by the shuffle butterfly (it needs the bf16 B/C layout these shapes give), no L2 prefetch, a register cap (spills),
-# pieces of 2 steps under the same cap (no spills in the loops), states saved every 64 steps.
+# pieces of 2 steps under the same cap (no spills in the loops; prefetch 4 pieces: the same 8 steps ahead), states
+# saved every 64 steps.
 @pytest.mark.parametrize("config", [{"smem_sums": False}, {"prefetch": 0}, {"maxnreg": 168},
-                                    {"SUB": 2, "maxnreg": 168}, {"chunk": 64}])
+                                    {"SUB": 2, "maxnreg": 168, "prefetch": 4}, {"chunk": 64}])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("batch", "length", "dim"), [(2, 513, 512), (32, 300, 256)])
 def test_selective_scan_backward_settings(config, reverse, batch, length, dim, monkeypatch) -> None:

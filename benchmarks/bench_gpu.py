@@ -119,8 +119,7 @@ SWEEP_BWD = [{},
              {"SUB": 2, "maxnreg": 168, "prefetch": 4},
              {"SUB": 2, "maxnreg": 128, "prefetch": 4},
              {"chunk": 128},
-             {"chunk": 64},
-             {"SUB": 2, "maxnreg": 168, "chunk": 64, "prefetch": 4}]
+             {"chunk": 256}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,

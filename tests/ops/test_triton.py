@@ -65,9 +65,9 @@ def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, 
 # Backward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the dB/dC channel sums
 # by the shuffle butterfly (it needs the bf16 B/C layout these shapes give), no L2 prefetch, a register cap (spills),
 # pieces of 2 steps under the same cap (no spills in the loops; prefetch 4 pieces: the same 8 steps ahead), states
-# saved every 64 steps.
+# saved every 256 steps (64 by default).
 @pytest.mark.parametrize("config", [{"smem_sums": False}, {"prefetch": 0}, {"maxnreg": 168},
-                                    {"SUB": 2, "maxnreg": 168, "prefetch": 4}, {"chunk": 64}])
+                                    {"SUB": 2, "maxnreg": 168, "prefetch": 4}, {"chunk": 256}])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("batch", "length", "dim"), [(2, 513, 512), (32, 300, 256)])
 def test_selective_scan_backward_settings(config, reverse, batch, length, dim, monkeypatch) -> None:
@@ -143,6 +143,28 @@ def test_selective_scan_many_segments(reverse, monkeypatch) -> None:
     ref.backward(grad)
     for leaf, r in zip(leaves, refs):
         assert _rel(leaf.grad, r.grad) < TOL[torch.float32]
+
+
+def test_selective_scan_saves_no_states_without_grad() -> None:
+    """Under no_grad the forward keeps no states for a backward even when a parameter requires grad (a model's
+    inference): the same output and peak memory as with A that does not."""
+    torch.manual_seed(5)
+    batch, length, dim, n = 1, 64 * scan.BWD_CONFIG["chunk"], 512, 16
+    u, delta, z = (torch.randn(batch, length, dim, device="cuda") for _ in range(3))
+    B, C = (torch.randn(batch, length, n, device="cuda") for _ in range(2))
+    A0 = -torch.rand(dim, n, device="cuda") * n
+    outs, peaks = [], []
+    for requires_grad in (False, True):
+        A = A0.clone().requires_grad_(requires_grad)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            outs.append(selective_scan(u, delta, A, B, C, z=z))
+        peaks.append(torch.cuda.max_memory_allocated() - start)
+    states_bytes = batch * length // scan.BWD_CONFIG["chunk"] * dim * n * 4
+    assert torch.equal(outs[0], outs[1])
+    assert peaks[1] < peaks[0] + states_bytes // 2, (peaks, states_bytes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

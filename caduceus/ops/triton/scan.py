@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from caduceus.ops import needs_grad
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # The CPU interpreter (TRITON_INTERPRET=1) runs no PTX: the kernels' inline assembly is off there.
@@ -46,15 +48,15 @@ PTX = tl.constexpr(not INTERPRET)
 # dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM:
 # 5% faster backward on the H200).
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
-# chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps, ~1/8 of a bf16
-# (b, l, d) tensor at 256); the backward recomputes a chunk's chunk / SUB piece states into an L2 scratch (64 KB per
-# program at 256: more than L2 holds for all resident programs, the reason to try less).
+# chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps: at 64 half the
+# bytes of a bf16 (b, l, d) tensor); the backward recomputes a chunk's chunk / SUB piece states into a scratch meant to
+# stay in L2 (16 KB per program at 64; at 256 the resident programs' 68 MB overflowed the 50 MB L2: 1-2% slower).
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
               "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
               "group": True}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
-              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 256}
+              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64}
 
 
 @triton.jit
@@ -859,7 +861,7 @@ class SelectiveScanFn(torch.autograd.Function):
     """Fused selective scan with chunk-boundary states saved for a recomputing backward."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save):
         u, delta = _rowwise(u), _rowwise(delta)
         B, C = _aligned(B), _aligned(C)
         z = _rowwise(z) if z is not None else None
@@ -869,7 +871,6 @@ class SelectiveScanFn(torch.autograd.Function):
         D_ = D.float().contiguous() if D is not None else None
         bias = delta_bias.float().contiguous() if delta_bias is not None else None
         out = torch.empty_like(u, memory_format=torch.contiguous_format)
-        save = any(ctx.needs_input_grad)
         chunk = BWD_CONFIG["chunk"]
         states = u.new_empty((batch, triton.cdiv(length, chunk), dim, n) if save else (1,), dtype=torch.float32)
         cfg = FWD_CONFIG
@@ -968,6 +969,7 @@ class SelectiveScanFn(torch.autograd.Function):
             dbias.sum((0, 1)).to(bias_dtype) if has_bias else None,
             None,
             None,
+            None,
         )
 
 
@@ -984,4 +986,6 @@ def selective_scan(
     reverse: bool = False,
 ) -> torch.Tensor:
     """Same function as ``reference.selective_scan_reference``; differentiable in every tensor argument."""
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    # Inside forward grad mode is always off and needs_input_grad ignores it: decide here whether to save the states.
+    save = needs_grad(u, delta, A, B, C, D, z, delta_bias)
+    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save)

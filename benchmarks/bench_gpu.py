@@ -1,14 +1,16 @@
 """GPU benchmarks of the Triton backend: hardware floors, the selective scan alone, and the whole model.
 
     PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep [fwd|bwd]] [--entries 0,4] [--warm]
-                                                [--profile] [--baseline old_scan.py] [--json out.json]
+                                                [--profile] [--baseline old_scan.py] [--set KEY=VALUE ...]
+                                                [--json out.json]
 
 Times are medians of ``triton.testing.do_bench``. The floors are measured in the same run: exp2 throughput of a
 Triton kernel (4 independent chains per thread) and a device-to-device copy. The scan's exp floor is B*L*D*N exp2
 at that rate. Model numbers use fp32 parameters under bf16 autocast, as the upstream measurements did; a training
 step is forward, cross-entropy over every position, backward and an AdamW step. ``--baseline`` times another copy
 of ``caduceus/ops/triton/scan.py`` (say, the previous commit's, saved outside the package) next to the current one
-in the same run: the scan alone, and the 16-layer model at 131,072 bp with that scan as a backend.
+in the same run: the scan alone, and the 16-layer model at 131,072 bp with that scan as a backend. ``--set``
+changes the current scan's launch settings for the whole run (benchmarks/settings.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
+from benchmarks.settings import add_settings_argument, apply_settings
 from caduceus import ops
 from caduceus.ops import use_backend
 from caduceus.ops.triton import scan as triton_scan
@@ -278,10 +281,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="CUDA time per kernel of a d118 training step")
     parser.add_argument("--baseline", help="a copy of scan.py to time next to the current one (scan, model)")
     parser.add_argument("--json", help="write every number to this file")
+    add_settings_argument(parser)
     args = parser.parse_args()
+    apply_settings(triton_scan, args.set)
     baseline = load_baseline(args.baseline) if args.baseline else None
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": time.strftime("%Y-%m-%d")}
+              "date": time.strftime("%Y-%m-%d"), "settings": args.set}
     report["exp2_per_s"] = exp_rate = exp2_rate()
     report["copy_bytes_per_s"] = bandwidth = copy_bandwidth()
     print(f"{report['device']}: exp2 {exp_rate:.3e}/s, copy {bandwidth / 1e12:.2f} TB/s", flush=True)

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import re
 import time
 
 import torch
@@ -216,18 +217,43 @@ def bench_model(n_layer: int, d_model: int, batch: int, length: int, train: bool
             "tokens_per_s": batch * length / (ms * 1e-3), "peak_gib": peak}
 
 
-def profile_training(n_layer: int, d_model: int, batch: int, length: int) -> None:
-    """Print the kernels taking the most CUDA time over 3 training steps (after 2 warm-up steps)."""
-    _, _, step = model_runs(n_layer, d_model, batch, length)
+KERNEL_KINDS = [("scan forward", "_scan_fwd"), ("scan backward", "_scan_bwd"), ("scan chaining", "_chain"),
+                ("conv", "_conv"), ("RMSNorm", "_rms"), ("matmul", "gemm|nvjet|cutlass|sm90_xmma|ampere|cublas"),
+                ("sums", "reduce_kernel"),
+                ("copies and elementwise", "elementwise|copy|fill|cat|flip|softmax|cross_entropy|nll|index|adam")]
+
+
+def kernel_kind(name: str) -> str:
+    """Which part of the model a CUDA kernel belongs to, from its name (``KERNEL_KINDS``; else "other")."""
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def profile_model(n_layer: int, d_model: int, batch: int, length: int, train: bool, steps: int = 3) -> dict:
+    """CUDA time per call of an inference forward or a training step, split by ``kernel_kind`` (ms), and the 30
+    kernels taking the most time, after two untimed calls."""
+    model, infer, step = model_runs(n_layer, d_model, batch, length)
+    model.train(train)
+    fn = step if train else infer
     with use_backend("triton"):
         for _ in range(2):
-            step()
+            fn()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
+            for _ in range(steps):
+                fn()
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kinds: dict[str, float] = {}
+    for e in events:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1e3 / steps
+    top = sorted(events, key=lambda e: -e.device_time_total)[:30]
+    row = {"n_layer": n_layer, "d_model": d_model, "batch": batch, "length": length, "train": train,
+           "ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "ms": sum(kinds.values()),
+           "kernels": [{"name": e.key, "kind": kernel_kind(e.key), "calls": e.count / steps,
+                        "ms": e.device_time_total / 1e3 / steps} for e in top]}
+    print("  profile", json.dumps(row), flush=True)
+    return row
 
 
 def load_baseline(path: str):
@@ -278,7 +304,8 @@ def main() -> None:
                         help="launch configurations of the scan (forward, backward or both)")
     parser.add_argument("--entries", help="--sweep: only these entries of SWEEP_FWD / SWEEP_BWD (0,4,5)")
     parser.add_argument("--warm", action="store_true", help="--sweep: run each entry once untimed, then exit")
-    parser.add_argument("--profile", action="store_true", help="CUDA time per kernel of a d118 training step")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA time per kind of kernel: the 16-layer model at 131,072 bp, d118 training")
     parser.add_argument("--baseline", help="a copy of scan.py to time next to the current one (scan, model)")
     parser.add_argument("--json", help="write every number to this file")
     add_settings_argument(parser)
@@ -299,7 +326,8 @@ def main() -> None:
         if args.warm:
             return
     if args.profile:
-        profile_training(n_layer=4, d_model=118, batch=256, length=1024)
+        report["profile"] = [profile_model(16, 256, 1, 131072, train=False), profile_model(16, 256, 1, 131072, True),
+                             profile_model(4, 118, 256, 1024, train=True)]
     if args.scan:
         report["scan"] = []
         scans = [("current", triton_scan.selective_scan)]

@@ -106,14 +106,14 @@ def check_scan(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, g
     return errs
 
 
-def check_conv(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool) -> dict[str, float]:
+def check_conv(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, silu: bool) -> dict[str, float]:
     x = torch.randn(b, length, 2 * d, device=DEVICE).to(dtype)[..., :d]
     w, bias = torch.randn(d, 1, 4, device=DEVICE) * 0.5, torch.randn(d, device=DEVICE)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, bias)]
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, w, bias)]
     poison()
-    out = causal_conv1d(*leaves, reverse)
-    ref = reference.causal_conv1d_reference(*ref_leaves, reverse)
+    out = causal_conv1d(*leaves, reverse, silu)
+    ref = reference.causal_conv1d_reference(*ref_leaves, reverse, silu)
     g = torch.randn_like(ref)
     poison()
     out.backward(g.to(dtype))
@@ -154,8 +154,9 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
     fwd_only = [(1, 4099, 512)] if quick else [(1, 4099, 512), (4, 20000, 236), (1, 131072, 236), (2, 131072, 512)]
     for shape, dtype, reverse in itertools.product(fwd_only, (torch.float32, torch.bfloat16), (False, True)):
         cases.append(("scan fwd", dtype, reverse, shape, lambda *a: check_scan(*a, grads=False)))
-    for dtype, reverse in itertools.product((torch.float32, torch.bfloat16), (False, True)):
-        cases.append(("conv", dtype, reverse, (3, 1000, 236), check_conv))
+    for dtype, reverse, silu in itertools.product((torch.float32, torch.bfloat16), (False, True), (False, True)):
+        cases.append(("conv silu" if silu else "conv", dtype, reverse, (3, 1000, 236),
+                      lambda *a, silu=silu: check_conv(*a, silu=silu)))
     for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True)):
         cases.append(("rms_norm", dtype, res, (1000, 256), check_norm))
     if DEVICE == "cpu":  # the interpreter runs a kernel's programs one by one in Python: small shapes only
@@ -165,6 +166,10 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
         # 4 time segments: the state passed from segment to segment is decayed by their sums of dt
         cases += [("scan fwd", dtype, reverse, (1, 1000, 16), lambda *a: check_scan(*a, grads=False))
                   for dtype, reverse in itertools.product((torch.float32, torch.bfloat16), (False, True))]
+        cases += [("conv silu" if silu else "conv", dtype, reverse, (2, 130, 20),
+                   lambda *a, silu=silu: check_conv(*a, silu=silu))
+                  for dtype, reverse, silu in itertools.product((torch.float32, torch.bfloat16), (False, True),
+                                                                (False, True))]
     if only is not None:
         cases = [case for case in cases if case[0] == only]
         if not cases:
@@ -185,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only")
     parser.add_argument("--shard", default="1/1", help="I/N: run every N-th case from the I-th (default: all)")
-    parser.add_argument("--only", help="run only the cases of this name ('scan', 'scan fwd', 'conv', ...)")
+    parser.add_argument("--only", help="run only the cases of this name ('scan', 'scan fwd', 'conv', 'conv silu', ...)")
     parser.add_argument("--interpret", action="store_true", help="the scan on small shapes in Triton's interpreter")
     add_settings_argument(parser)
     args = parser.parse_args()

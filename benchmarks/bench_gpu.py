@@ -123,7 +123,10 @@ SWEEP_BWD = [{},
              {"SUB": 2, "maxnreg": 168, "prefetch": 4},
              {"SUB": 2, "maxnreg": 128, "prefetch": 4},
              {"chunk": 128},
-             {"chunk": 256}]
+             {"chunk": 256},
+             {"ring": True},
+             {"ring": True, "prefetch": 1},
+             {"ring": True, "prefetch": 4}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,

@@ -47,6 +47,8 @@ PTX = tl.constexpr(not INTERPRET)
 # (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group). smem_sums: the backward's
 # dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM:
 # 5% faster backward on the H200).
+# ring: the adjoint walk's rows copied ``prefetch`` pieces ahead into a ring in shared memory (cp.async) and read from
+# there, instead of loaded from L2 when due (bf16/fp16 rows, 16-byte aligned, the shuffle layout; see _ring_copy).
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
 # chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps: at 64 half the
 # bytes of a bf16 (b, l, d) tensor); the backward recomputes a chunk's chunk / SUB piece states into a scratch meant to
@@ -56,7 +58,7 @@ FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4
               "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
               "group": True}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
-              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64}
+              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64, "ring": False}
 
 
 @triton.jit
@@ -155,6 +157,79 @@ def _prefetch(lanes, i0, L, ROWS: tl.constexpr, REVERSE: tl.constexpr):
         tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $2, 0;\n@p prefetch.global.L2 [$1];\n"
                                   "mov.b32 $0, 0;\n}", "=r,l,r", [base + t.to(tl.int64) * stride, on],
                                   dtype=tl.int32, is_pure=False, pack=1)
+
+
+# The backward's ring of rows copied ahead (BWD_CONFIG["ring"]): a buffer in shared memory that the inline assembly
+# declares itself (Triton's own shared memory is not addressable from it), PF + 1 slots of one piece's rows each.
+RING_BYTES = tl.constexpr(4096)
+_RING_ASM: tl.constexpr = tl.constexpr("{\n.shared .align 16 .b8 ring[4096];\nmov.u32 $0, ring;\n}")
+
+
+@triton.jit
+def _ring_alloc():
+    """Shared-window address of the ring. One element per lane, so that the declaration is emitted once per
+    thread; every thread gets the same address."""
+    lane = tl.arange(0, 32)
+    addr = tl.inline_asm_elementwise(_RING_ASM, "=r,r", [lane], dtype=tl.int32, is_pure=False, pack=1)
+    return tl.max(addr, axis=0)
+
+
+@triton.jit
+def _ring_copy(lanes, ring, i0, L, ROWS: tl.constexpr, REVERSE: tl.constexpr):
+    """cp.async the first ROWS rows of ``lanes`` (_prefetch_lanes with the halves of each 32-byte row as its two
+    elements) at walk steps i0 .. i0+STEPS-1, clamped to the sequence, into the ring slot at ``ring``: lane e's 16
+    bytes go to ring + 16 e, so row k * STEPS + j lands at 32 (k * STEPS + j). Then commits them as one group (an
+    empty one too: the wait in _ring_wait counts groups)."""
+    base, stride, j = lanes
+    t = tl.minimum(tl.maximum(i0 + j, 0), L - 1)
+    if REVERSE:
+        t = L - 1 - t
+    e = tl.arange(0, base.shape[0])
+    on = (e < 2 * ROWS).to(tl.int32)
+    tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $3, 0;\n@p cp.async.cg.shared.global [$2], [$1], 16;\n"
+                              "mov.b32 $0, 0;\n}", "=r,l,r,r", [base + t.to(tl.int64) * stride, ring + 16 * e, on],
+                              dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise("cp.async.commit_group;\nmov.b32 $0, 0;", "=r,r", [tl.arange(0, 32)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _ring_wait(PF: tl.constexpr, x):
+    """Wait until at most PF - 1 copy groups are in flight (the oldest, the piece about to be read, has landed) and
+    make every lane's copies visible to the warp. Returns 0, computed by the waiting assembly: added to the ring
+    addresses it keeps the reads (pure, so that each value is read once per thread) after the wait."""
+    if PF == 1:
+        w = tl.inline_asm_elementwise("cp.async.wait_group 0;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    elif PF == 2:
+        w = tl.inline_asm_elementwise("cp.async.wait_group 1;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    elif PF == 3:
+        w = tl.inline_asm_elementwise("cp.async.wait_group 2;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.static_assert(PF == 4)
+        w = tl.inline_asm_elementwise("cp.async.wait_group 3;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    return tl.min(w, axis=0)
+
+
+@triton.jit
+def _ring_rows(ring, k: tl.constexpr, offs, ptr, U: tl.constexpr, VEC: tl.constexpr):
+    """Rows k * U .. k * U + U-1 of the ring slot at ``ring`` (32 bytes each, copied from ``ptr``'s array) as U
+    tiles of byte offsets ``offs`` within a row: 2-byte values one by one, or with VEC runs of 8 (a (NV, NH, BD) tile
+    of B or C) as one 16-byte read from the address of the run's first element."""
+    rows = ()
+    for j in tl.static_range(U):
+        at = ring + 32 * (k * U + j) + offs
+        if VEC:
+            rows = rows + (tl.inline_asm_elementwise("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
+                                                     "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [at],
+                                                     dtype=ptr.dtype.element_ty, is_pure=True, pack=8),)
+        else:
+            rows = rows + (tl.inline_asm_elementwise("ld.shared.b16 $0, [$1];", "=h,r", [at],
+                                                     dtype=ptr.dtype.element_ty, is_pure=True, pack=1),)
+    return rows
 
 
 @triton.jit
@@ -584,17 +659,30 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
                u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr,
                s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_gb, s_gl,
                offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias,
-               N: tl.constexpr, NV: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-               REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr,
-               SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr):
+               N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr,
+               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr,
+               MASKED: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, ring, ring_d, RING: tl.constexpr):
     """Walk steps i0+SUB-1..i0 backwards from the state ``h`` before i0: the piece's states and decays into
-    registers, then the adjoint step by step, writing du, ddt, dz and the channel block's dB/dC rows."""
-    us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
-                                      s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z, True,
-                                      REVERSE, SUB, COLS, MASKED)
+    registers, then the adjoint step by step, writing du, ddt, dz and the channel block's dB/dC rows. With RING (and
+    not MASKED) the rows come from the ring slot at ``ring`` (see _ring_copy: u, dt, B, dout, C, z); ``ring_d``: each
+    channel's byte offset within a row, in the layout of the per-channel values."""
     g_row = _walk(pid_b, i0, L, s_gb, s_gl, REVERSE)
     g_step = -s_gl if REVERSE else s_gl
-    gs = _rows(dout_ptr, g_row, g_step, i0, L, offs_d, cols, SUB, COLS, MASKED)
+    if RING and not MASKED:
+        row_d = ring_d
+        us = _ring_rows(ring, 0, row_d, u_ptr, SUB, False)
+        dts = _ring_rows(ring, 1, row_d, dt_ptr, SUB, False)
+        Bs = _ring_rows(ring, 2, offs_bc * 2, B_ptr, SUB, True)
+        gs = _ring_rows(ring, 3, row_d, dout_ptr, SUB, False)
+        Cs = _ring_rows(ring, 4, offs_bc * 2, C_ptr, SUB, True)
+        zs = gs
+        if HAS_Z:
+            zs = _ring_rows(ring, 5, row_d, z_ptr, SUB, False)
+    else:
+        us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
+                                          s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z, True,
+                                          REVERSE, SUB, COLS, MASKED)
+        gs = _rows(dout_ptr, g_row, g_step, i0, L, offs_d, cols, SUB, COLS, MASKED)
     hs = (h,)
     decays = ()
     steps = ()
@@ -653,7 +741,7 @@ def _scan_bwd_kernel(
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, PF: tl.constexpr,
+    COLS: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, PF: tl.constexpr, RING: tl.constexpr,
 ):
     """Gradients for one (batch row, channel block, segment of SEG walk steps, a multiple of CHUNK). du, ddt, dz share
     dout's (b, l, d) strides; the dB and dC partials are (b, channel block, l, 2N) (dB then dC); dA (b, segment, d,
@@ -731,6 +819,24 @@ def _scan_bwd_kernel(
                              (last_d, last_d, N - 1, last_d, N - 1, last_d), pid_b, SUB)
         c_first = start // CHUNK
         n_seg_chunks = tl.cdiv(end - start, CHUNK)
+        # With RING the adjoint walk's rows are copied PF pieces ahead into a ring of PF + 1 slots in shared memory
+        # (cp.async; see _ring_copy) instead of only asked of L2: piece q of the walk (q = last - i0 // SUB) is read
+        # from slot q % (PF + 1). The first PF pieces' copies go out now, to land during the first recompute walk.
+        SLOT: tl.constexpr = 6 * SUB * 32
+        ring = 0
+        ring_d = tl.arange(0, BD)
+        p_last = (end - 1) // SUB
+        if RING:
+            # Reduced from an (NV, NH, BD) tile, so that the reads from the ring come out in the layout the per-channel
+            # values are used in (their inline assembly cannot be recomputed in another layout, as loads are).
+            ring_d = tl.max(tl.max(_bc(tl.arange(0, BD) * 2) + offs_n * 0, axis=0), axis=0)
+            tl.static_assert((PF >= 1) & ((PF + 1) * SLOT <= RING_BYTES) & (BD == 16) & (N == 16))
+            ring = _ring_alloc()
+            cp = _prefetch_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb),
+                                 (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d, 0, first_d),
+                                 (first_d + 8, first_d + 8, 8, first_d + 8, 8, first_d + 8), pid_b, SUB)
+            for ahead in tl.static_range(PF):
+                _ring_copy(cp, ring + ahead * SLOT, (p_last - ahead) * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
         for c_rev in range(n_seg_chunks):
             c = c_first + n_seg_chunks - 1 - c_rev
             # The state at the start of each SUB-step piece of this chunk, into a small L2-resident scratch.
@@ -751,21 +857,26 @@ def _scan_bwd_kernel(
             for s_rev in range(n_sub):
                 s = n_sub - 1 - s_rev
                 i0 = c * CHUNK + s * SUB
-                if PF > 0:
+                slot = ring
+                if RING:
+                    q = p_last - i0 // SUB
+                    slot = ring + (q % (PF + 1)) * SLOT + _ring_wait(PF, ring_d)
+                    _ring_copy(cp, ring + ((q + PF) % (PF + 1)) * SLOT, i0 - PF * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
+                elif PF > 0:
                     _prefetch(pf, i0 - PF * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
                 h = tl.load(scratch + s * BD * N)
                 if i0 + SUB <= L:
                     dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
                         dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
-                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, SUB,
-                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL, SMEM_SUMS)
+                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, BD,
+                        SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL, SMEM_SUMS, slot, ring_d, RING)
                 else:
                     dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
                         dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
-                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, SUB,
-                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL, SMEM_SUMS)
+                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, BD,
+                        SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL, SMEM_SUMS, slot, ring_d, RING)
         tl.store(dA_ptr + seg.to(tl.int64) * DIM * N + dn, dA_acc, mask=mask_dn)
         tl.store(dD_ptr + seg * DIM + offs_d, dD_acc, mask=cols)
         tl.store(dbias_ptr + seg * DIM + offs_d, dbias_acc, mask=cols)
@@ -936,6 +1047,12 @@ class SelectiveScanFn(torch.autograd.Function):
         seg_dt = torch.empty(batch, n_seg, dim, **f32)
         scratch = torch.empty(batch * n_blocks * n_seg * (chunk // cfg["SUB"]) * cfg["BD"] * n, **f32)
 
+        shfl = _lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True)
+        rows = [u, delta, dout] + ([z] if has_z else [])
+        ring = (cfg["ring"] and shfl and 1 <= cfg["prefetch"] <= 4 and cfg["SUB"] == 4
+                and all(t.element_size() == 2 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
+                        and t.data_ptr() % 16 == 0 for t in rows))
+
         def launch(seg_adj: torch.Tensor, adj_only: bool, has_init: bool) -> None:
             _scan_bwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if has_d else A, z if has_z else u, bias if has_bias else A, dout, states,
@@ -944,8 +1061,9 @@ class SelectiveScanFn(torch.autograd.Function):
                 N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=chunk, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
-                SHFL=_lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True),
-                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"], num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
+                SHFL=shfl,
+                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"], RING=ring, num_warps=cfg["num_warps"],
+                maxnreg=cfg["maxnreg"],
             )
 
         if length > 0:

@@ -111,7 +111,11 @@ SWEEP_FWD = [{},
              {"pred_store": False},
              {"depth_idle": 2},
              {"depth": 2},
-             {"mufu": False}]
+             {"mufu": False},
+             {"depth_idle": 5},
+             {"ring": True},
+             {"ring": True, "depth_idle": 5, "depth": 3},
+             {"ring": True, "BD_idle": 16, "NV_idle": 8, "depth_idle": 5}]
 SWEEP_BWD = [{},
              {"prefetch": 0},
              {"prefetch": 4},

@@ -53,9 +53,12 @@ def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
 
 # Forward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the configuration before
 # 2026-12-07 (no sharing of per-channel work, a branch around the state store, 8 states per lane in one segment), the
-# shared work with 8 states per lane in one segment (two lanes per channel instead of four), and each switch alone.
+# shared work with 8 states per lane in one segment (two lanes per channel instead of four), each switch alone, and the
+# rows copied ahead into a ring in shared memory (bf16 only) with the default depths, deeper, and 8 states per lane.
 @pytest.mark.parametrize("config", [{"group": False, "pred_store": False, "BD_idle": 16, "NV_idle": 8},
-                                    {"BD_idle": 16, "NV_idle": 8}, {"group": False}, {"pred_store": False}])
+                                    {"BD_idle": 16, "NV_idle": 8}, {"group": False}, {"pred_store": False},
+                                    {"ring": True}, {"ring": True, "depth_idle": 5, "depth": 3},
+                                    {"ring": True, "BD_idle": 16, "NV_idle": 8}])
 @pytest.mark.parametrize(("dtype", "reverse"), [(torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize(("batch", "length", "dim"), [(3, 300, 236), (2, 513, 512), (64, 40, 512), (32, 300, 256)])
 def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, dim, monkeypatch) -> None:

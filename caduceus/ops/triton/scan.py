@@ -47,8 +47,9 @@ PTX = tl.constexpr(not INTERPRET)
 # (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group). smem_sums: the backward's
 # dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM:
 # 5% faster backward on the H200).
-# ring: the adjoint walk's rows copied ``prefetch`` pieces ahead into a ring in shared memory (cp.async) and read from
-# there, instead of loaded from L2 when due (bf16/fp16 rows, 16-byte aligned, the shuffle layout; see _ring_copy).
+# ring (both directions): the rows copied ahead into a ring in shared memory (cp.async) and read from there, instead of
+# loaded into registers ``depth`` blocks ahead (forward) or from L2 when due (backward's adjoint walk, ``prefetch``
+# pieces ahead); bf16/fp16 rows, 16-byte aligned, the lanes layout; see _ring_copy.
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
 # chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps: at 64 half the
 # bytes of a bf16 (b, l, d) tensor); the backward recomputes a chunk's chunk / SUB piece states into a scratch meant to
@@ -56,7 +57,7 @@ PTX = tl.constexpr(not INTERPRET)
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
               "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
-              "group": True}
+              "group": True, "ring": False}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
               "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64, "ring": False}
 
@@ -175,17 +176,16 @@ def _ring_alloc():
 
 
 @triton.jit
-def _ring_copy(lanes, ring, i0, L, ROWS: tl.constexpr, REVERSE: tl.constexpr):
-    """cp.async the first ROWS rows of ``lanes`` (_prefetch_lanes with the halves of each 32-byte row as its two
-    elements) at walk steps i0 .. i0+STEPS-1, clamped to the sequence, into the ring slot at ``ring``: lane e's 16
-    bytes go to ring + 16 e, so row k * STEPS + j lands at 32 (k * STEPS + j). Then commits them as one group (an
-    empty one too: the wait in _ring_wait counts groups)."""
+def _ring_copy(lanes, ring, i0, L, on, REVERSE: tl.constexpr):
+    """cp.async the rows of ``lanes`` (_prefetch_lanes with the halves of each 32-byte row as its two elements) whose
+    lanes are ``on`` (int32) at walk steps i0 .. i0+STEPS-1, clamped to the sequence, into the ring slot at ``ring``:
+    lane e's 16 bytes go to ring + 16 e, so row k * STEPS + j lands at 32 (k * STEPS + j). Then commits them as one
+    group (an empty one too: the wait in _ring_wait counts groups)."""
     base, stride, j = lanes
     t = tl.minimum(tl.maximum(i0 + j, 0), L - 1)
     if REVERSE:
         t = L - 1 - t
     e = tl.arange(0, base.shape[0])
-    on = (e < 2 * ROWS).to(tl.int32)
     tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $3, 0;\n@p cp.async.cg.shared.global [$2], [$1], 16;\n"
                               "mov.b32 $0, 0;\n}", "=r,l,r,r", [base + t.to(tl.int64) * stride, ring + 16 * e, on],
                               dtype=tl.int32, is_pure=False, pack=1)
@@ -207,9 +207,12 @@ def _ring_wait(PF: tl.constexpr, x):
     elif PF == 3:
         w = tl.inline_asm_elementwise("cp.async.wait_group 2;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
                                       dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.static_assert(PF == 4)
+    elif PF == 4:
         w = tl.inline_asm_elementwise("cp.async.wait_group 3;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.static_assert(PF == 5)
+        w = tl.inline_asm_elementwise("cp.async.wait_group 4;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
                                       dtype=tl.int32, is_pure=False, pack=1)
     return tl.min(w, axis=0)
 
@@ -217,15 +220,18 @@ def _ring_wait(PF: tl.constexpr, x):
 @triton.jit
 def _ring_rows(ring, k: tl.constexpr, offs, ptr, U: tl.constexpr, VEC: tl.constexpr):
     """Rows k * U .. k * U + U-1 of the ring slot at ``ring`` (32 bytes each, copied from ``ptr``'s array) as U
-    tiles of byte offsets ``offs`` within a row: 2-byte values one by one, or with VEC runs of 8 (a (NV, NH, BD) tile
-    of B or C) as one 16-byte read from the address of the run's first element."""
+    tiles of byte offsets ``offs`` within a row: 2-byte values one by one, or with VEC = 8 or 4 runs of VEC (an
+    (NV, NH, BD) tile of B or C) as one read from the address of the run's first element."""
     rows = ()
     for j in tl.static_range(U):
         at = ring + 32 * (k * U + j) + offs
-        if VEC:
+        if VEC == 8:
             rows = rows + (tl.inline_asm_elementwise("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
                                                      "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [at],
                                                      dtype=ptr.dtype.element_ty, is_pure=True, pack=8),)
+        elif VEC == 4:
+            rows = rows + (tl.inline_asm_elementwise("ld.shared.v2.b32 {$0, $1}, [$2];", "=r,=r,r,r,r,r", [at],
+                                                     dtype=ptr.dtype.element_ty, is_pure=True, pack=4),)
         else:
             rows = rows + (tl.inline_asm_elementwise("ld.shared.b16 $0, [$1];", "=h,r", [at],
                                                      dtype=ptr.dtype.element_ty, is_pure=True, pack=1),)
@@ -476,7 +482,7 @@ def _scan_fwd_kernel(
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, DEPTH: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, LANES: tl.constexpr, PRED_STORE: tl.constexpr, GROUP: tl.constexpr,
+    COLS: tl.constexpr, LANES: tl.constexpr, PRED_STORE: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr,
 ):
     """out = scan(...) for one (batch row, channel block, segment of SEG walk steps); if ``save``, states[b, c] =
     the state before walk step c*CHUNK. With several segments the scan runs twice: first ``STATE_ONLY``, each
@@ -509,28 +515,67 @@ def _scan_fwd_kernel(
         h = tl.zeros([NV, N // NV, BD], tl.float32)
     dt_sum = tl.zeros([GROUP, BD], tl.float32) if GROUP > 1 else tl.zeros([BD], tl.float32)
     o_step = -s_ol if REVERSE else s_ol
-    # Blocks of U steps, each loaded DEPTH blocks ahead of its use, in a ring of DEPTH blocks (a shifting queue would
-    # cost register moves). The main loop runs DEPTH full blocks an iteration, without masks, as long as the blocks
-    # it loads are full too.
-    ahead = ()
-    for k in tl.static_range(DEPTH):
-        ahead = ahead + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, start + k * U, L, end, offs_d, offs_bc,
-                                     cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
-                                     HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, True),)
-    i_rest = start + tl.maximum((end - start) // (DEPTH * U) - 1, 0) * (DEPTH * U)
-    for i in range(start, i_rest, DEPTH * U):
-        for k in tl.static_range(DEPTH):
-            i0 = i + k * U
+    if RING:
+        # Blocks of U steps copied DEPTH blocks ahead into a ring of DEPTH + 1 slots in shared memory (cp.async, see
+        # _ring_copy; rows u, dt, B, C, z) and read from there when due: no registers held for blocks in flight.
+        # The main loop runs one full block an iteration, the rest is left to the masked loop below.
+        SLOT: tl.constexpr = 5 * U * 32
+        tl.static_assert((DEPTH + 1) * SLOT <= RING_BYTES)
+        ring = _ring_alloc()
+        first_d = tl.program_id(1) * BD
+        lanes = _prefetch_lanes((u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_Cb, s_zb),
+                                (s_ul, s_tl, s_Bl, s_Cl, s_zl), (first_d, first_d, 0, 0, first_d),
+                                (first_d + 8, first_d + 8, 8, 8, first_d + 8), pid_b, U)
+        e = tl.arange(0, 16 * U)
+        k_of = (e // (2 * U)) % 5
+        arrays: tl.constexpr = 3 if STATE_ONLY else (5 if HAS_Z else 4)
+        # The second 16 bytes of a row: B and C rows always have them, channel rows only with BD = 16.
+        on = ((e < 2 * U * arrays) & (((e % 2) == 0) | (k_of == 2) | (k_of == 3) | (BD * 2 > 16))).to(tl.int32)
+        ring_d = (offs_d % BD) * 2
+        for b in tl.static_range(DEPTH):
+            _ring_copy(lanes, ring + b * SLOT, start + b * U, L, on, REVERSE)
+        i_rest = start + ((end - start) // U) * U
+        for i0 in range(start, i_rest, U):
+            blk_i = (i0 - start) // U
+            slot = ring + (blk_i % (DEPTH + 1)) * SLOT + _ring_wait(DEPTH, ring_d)
+            _ring_copy(lanes, ring + ((blk_i + DEPTH) % (DEPTH + 1)) * SLOT, i0 + DEPTH * U, L, on, REVERSE)
+            us = _ring_rows(slot, 0, ring_d, u_ptr, U, 0)
+            dts = _ring_rows(slot, 1, ring_d, dt_ptr, U, 0)
+            Bs = _ring_rows(slot, 2, offs_bc * 2, B_ptr, U, NV)
+            Cs = Bs
+            zs = us
+            if not STATE_ONLY:
+                Cs = _ring_rows(slot, 3, offs_bc * 2, C_ptr, U, NV)
+                if HAS_Z:
+                    zs = _ring_rows(slot, 4, ring_d, z_ptr, U, 0)
             _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
-            h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
+            h, dt_sum = _fwd_steps(h, dt_sum, (us, dts, zs, Bs, Cs), i0, end, A2, Dv, bias, out_ptr,
                                    _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U, HAS_Z,
                                    SOFTPLUS, STATE_ONLY, MUFU, COLS, False, GROUP)
-            # Refill the slot just used, after its block: into registers free from here on, the loads issue while the
-            # next DEPTH - 1 blocks compute (the store before the next block keeps ptxas from sinking them further).
-            ahead = ahead[:k] + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0 + DEPTH * U, L, end, offs_d,
-                                             offs_bc, cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
-                                             HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, False),) \
-                + ahead[k + 1:]
+    else:
+        # Blocks of U steps, each loaded DEPTH blocks ahead of its use, in a ring of DEPTH blocks in registers (a
+        # shifting queue would cost register moves). The main loop runs DEPTH full blocks an iteration, without masks,
+        # as long as the blocks it loads are full too.
+        ahead = ()
+        for k in tl.static_range(DEPTH):
+            ahead = ahead + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, start + k * U, L, end, offs_d,
+                                         offs_bc, cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
+                                         HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, True),)
+        i_rest = start + tl.maximum((end - start) // (DEPTH * U) - 1, 0) * (DEPTH * U)
+        for i in range(start, i_rest, DEPTH * U):
+            for k in tl.static_range(DEPTH):
+                i0 = i + k * U
+                _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
+                h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
+                                       _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U,
+                                       HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, False, GROUP)
+                # Refill the slot just used, after its block: into registers free from here on, the loads issue while
+                # the next DEPTH - 1 blocks compute (the store before the next block keeps ptxas from sinking them
+                # further).
+                ahead = ahead[:k] + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0 + DEPTH * U, L, end,
+                                                 offs_d, offs_bc, cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb,
+                                                 s_Bl, s_Cb, s_Cl, HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE,
+                                                 U, COLS, False),) + ahead[k + 1:]
     # What is left (fewer than 2 * DEPTH blocks, the last one possibly partial, possibly none), loaded again with
     # masks: values carried out of the loop would be laid out for both uses and loaded twice. A loop rather than
     # 2 * DEPTH unrolled blocks: Triton's coalescing pass takes time superlinear in the number of loads.
@@ -670,14 +715,14 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
     g_step = -s_gl if REVERSE else s_gl
     if RING and not MASKED:
         row_d = ring_d
-        us = _ring_rows(ring, 0, row_d, u_ptr, SUB, False)
-        dts = _ring_rows(ring, 1, row_d, dt_ptr, SUB, False)
-        Bs = _ring_rows(ring, 2, offs_bc * 2, B_ptr, SUB, True)
-        gs = _ring_rows(ring, 3, row_d, dout_ptr, SUB, False)
-        Cs = _ring_rows(ring, 4, offs_bc * 2, C_ptr, SUB, True)
+        us = _ring_rows(ring, 0, row_d, u_ptr, SUB, 0)
+        dts = _ring_rows(ring, 1, row_d, dt_ptr, SUB, 0)
+        Bs = _ring_rows(ring, 2, offs_bc * 2, B_ptr, SUB, NV)
+        gs = _ring_rows(ring, 3, row_d, dout_ptr, SUB, 0)
+        Cs = _ring_rows(ring, 4, offs_bc * 2, C_ptr, SUB, NV)
         zs = gs
         if HAS_Z:
-            zs = _ring_rows(ring, 5, row_d, z_ptr, SUB, False)
+            zs = _ring_rows(ring, 5, row_d, z_ptr, SUB, 0)
     else:
         us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
                                           s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z, True,
@@ -835,8 +880,9 @@ def _scan_bwd_kernel(
             cp = _prefetch_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb),
                                  (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d, 0, first_d),
                                  (first_d + 8, first_d + 8, 8, first_d + 8, 8, first_d + 8), pid_b, SUB)
+            cp_on = (tl.arange(0, 16 * SUB) < 2 * (5 + HAS_Z) * SUB).to(tl.int32)
             for ahead in tl.static_range(PF):
-                _ring_copy(cp, ring + ahead * SLOT, (p_last - ahead) * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
+                _ring_copy(cp, ring + ahead * SLOT, (p_last - ahead) * SUB, L, cp_on, REVERSE)
         for c_rev in range(n_seg_chunks):
             c = c_first + n_seg_chunks - 1 - c_rev
             # The state at the start of each SUB-step piece of this chunk, into a small L2-resident scratch.
@@ -861,7 +907,7 @@ def _scan_bwd_kernel(
                 if RING:
                     q = p_last - i0 // SUB
                     slot = ring + (q % (PF + 1)) * SLOT + _ring_wait(PF, ring_d)
-                    _ring_copy(cp, ring + ((q + PF) % (PF + 1)) * SLOT, i0 - PF * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
+                    _ring_copy(cp, ring + ((q + PF) % (PF + 1)) * SLOT, i0 - PF * SUB, L, cp_on, REVERSE)
                 elif PF > 0:
                     _prefetch(pf, i0 - PF * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
                 h = tl.load(scratch + s * BD * N)
@@ -964,6 +1010,12 @@ def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, bd: int, nv
             and not INTERPRET)
 
 
+def _ring_rows_ok(*ts: torch.Tensor | None) -> bool:
+    """Whether the (b, l, d) rows can be copied into the ring in 16-byte pieces: 2-byte values, 16-byte aligned."""
+    return all(t is None or (t.element_size() == 2 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
+                             and t.data_ptr() % 16 == 0) for t in ts)
+
+
 def _strides(*ts: torch.Tensor) -> list[int]:
     return [s for t in ts for s in (t.stride(0), t.stride(1))]
 
@@ -995,6 +1047,8 @@ class SelectiveScanFn(torch.autograd.Function):
             bd, nv = cfg["BD_idle"], min(n, cfg["NV_idle"])
             n_blocks = triton.cdiv(dim, bd)
         lanes = _lanes_known(B, C, n, dim, bd, nv, cfg["num_warps"])
+        ring = (cfg["ring"] and lanes and 1 <= depth <= 5 and (depth + 1) * 5 * steps * 32 <= 4096
+                and _ring_rows_ok(u, delta, z))
         group = n // nv if cfg["group"] and (lanes or INTERPRET) and n // nv in (2, 4) else 1
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
@@ -1008,7 +1062,7 @@ class SelectiveScanFn(torch.autograd.Function):
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 REVERSE=bool(reverse), STATE_ONLY=state_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % bd != 0, LANES=lanes,
-                PRED_STORE=cfg["pred_store"], GROUP=group if steps % group == 0 else 1,
+                PRED_STORE=cfg["pred_store"], GROUP=group if steps % group == 0 else 1, RING=ring,
                 num_warps=cfg["num_warps"],
             )
 
@@ -1048,10 +1102,8 @@ class SelectiveScanFn(torch.autograd.Function):
         scratch = torch.empty(batch * n_blocks * n_seg * (chunk // cfg["SUB"]) * cfg["BD"] * n, **f32)
 
         shfl = _lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True)
-        rows = [u, delta, dout] + ([z] if has_z else [])
         ring = (cfg["ring"] and shfl and 1 <= cfg["prefetch"] <= 4 and cfg["SUB"] == 4
-                and all(t.element_size() == 2 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
-                        and t.data_ptr() % 16 == 0 for t in rows))
+                and _ring_rows_ok(u, delta, z, dout))
 
         def launch(seg_adj: torch.Tensor, adj_only: bool, has_init: bool) -> None:
             _scan_bwd_kernel[(batch, n_blocks, n_seg)](

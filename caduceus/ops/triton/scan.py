@@ -218,6 +218,14 @@ def _ring_wait(PF: tl.constexpr, x):
 
 
 @triton.jit
+def _ring_drain():
+    """Wait for every copy still in flight (those of the pieces past the walk's end): none may land in the shared
+    memory of a program that runs on the SM after this one."""
+    tl.inline_asm_elementwise("cp.async.wait_all;\nmov.b32 $0, 0;", "=r,r", [tl.arange(0, 32)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _ring_rows(ring, k: tl.constexpr, offs, ptr, U: tl.constexpr, VEC: tl.constexpr):
     """Rows k * U .. k * U + U-1 of the ring slot at ``ring`` (32 bytes each, copied from ``ptr``'s array) as U
     tiles of byte offsets ``offs`` within a row: 2-byte values one by one, or with VEC = 8 or 4 runs of VEC (an
@@ -552,6 +560,7 @@ def _scan_fwd_kernel(
             h, dt_sum = _fwd_steps(h, dt_sum, (us, dts, zs, Bs, Cs), i0, end, A2, Dv, bias, out_ptr,
                                    _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U, HAS_Z,
                                    SOFTPLUS, STATE_ONLY, MUFU, COLS, False, GROUP)
+        _ring_drain()
     else:
         # Blocks of U steps, each loaded DEPTH blocks ahead of its use, in a ring of DEPTH blocks in registers (a
         # shifting queue would cost register moves). The main loop runs DEPTH full blocks an iteration, without masks,
@@ -923,6 +932,8 @@ def _scan_bwd_kernel(
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
                         s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, BD,
                         SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL, SMEM_SUMS, slot, ring_d, RING)
+        if RING:
+            _ring_drain()
         tl.store(dA_ptr + seg.to(tl.int64) * DIM * N + dn, dA_acc, mask=mask_dn)
         tl.store(dD_ptr + seg * DIM + offs_d, dD_acc, mask=cols)
         tl.store(dbias_ptr + seg * DIM + offs_d, dbias_acc, mask=cols)

@@ -162,35 +162,49 @@ def _prefetch(lanes, i0, L, ROWS: tl.constexpr, REVERSE: tl.constexpr):
 
 # The backward's ring of rows copied ahead (BWD_CONFIG["ring"]): a buffer in shared memory that the inline assembly
 # declares itself (Triton's own shared memory is not addressable from it), PF + 1 slots of one piece's rows each.
-RING_BYTES = tl.constexpr(4096)
-_RING_ASM: tl.constexpr = tl.constexpr("{\n.shared .align 16 .b8 ring[4096];\nmov.u32 $0, ring;\n}")
+_RING_BYTES = 4096
+RING_BYTES = tl.constexpr(_RING_BYTES)
+_RING_ASM: tl.constexpr = tl.constexpr("{\n.shared .align 16 .b8 ring[" + str(_RING_BYTES) + "];\nmov.u32 $0, ring;\n}")
 
 
 @triton.jit
 def _ring_alloc():
     """Shared-window address of the ring. One element per lane, so that the declaration is emitted once per
-    thread; every thread gets the same address."""
-    lane = tl.arange(0, 32)
-    addr = tl.inline_asm_elementwise(_RING_ASM, "=r,r", [lane], dtype=tl.int32, is_pure=False, pack=1)
-    return tl.max(addr, axis=0)
+    thread; every thread gets the same address. Under the interpreter: the program's byte offset into the
+    ``ring_ptr`` buffer that stands in for shared memory."""
+    if PTX:
+        lane = tl.arange(0, 32)
+        addr = tl.inline_asm_elementwise(_RING_ASM, "=r,r", [lane], dtype=tl.int32, is_pure=False, pack=1)
+        return tl.max(addr, axis=0)
+    else:
+        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        return pid * RING_BYTES
 
 
 @triton.jit
-def _ring_copy(lanes, ring, i0, L, on, REVERSE: tl.constexpr):
+def _ring_copy(lanes, ring, i0, L, on, REVERSE: tl.constexpr, ring_ptr):
     """cp.async the rows of ``lanes`` (_prefetch_lanes with the halves of each 32-byte row as its two elements) whose
     lanes are ``on`` (int32) at walk steps i0 .. i0+STEPS-1, clamped to the sequence, into the ring slot at ``ring``:
     lane e's 16 bytes go to ring + 16 e, so row k * STEPS + j lands at 32 (k * STEPS + j). Then commits them as one
-    group (an empty one too: the wait in _ring_wait counts groups)."""
+    group (an empty one too: the wait in _ring_wait counts groups). Under the interpreter: copied into ring_ptr
+    (int16)."""
     base, stride, j = lanes
     t = tl.minimum(tl.maximum(i0 + j, 0), L - 1)
     if REVERSE:
         t = L - 1 - t
     e = tl.arange(0, base.shape[0])
-    tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $3, 0;\n@p cp.async.cg.shared.global [$2], [$1], 16;\n"
-                              "mov.b32 $0, 0;\n}", "=r,l,r,r", [base + t.to(tl.int64) * stride, ring + 16 * e, on],
-                              dtype=tl.int32, is_pure=False, pack=1)
-    tl.inline_asm_elementwise("cp.async.commit_group;\nmov.b32 $0, 0;", "=r,r", [tl.arange(0, 32)], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    src = base + t.to(tl.int64) * stride
+    if PTX:
+        tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $3, 0;\n"
+                                  "@p cp.async.cg.shared.global [$2], [$1], 16;\nmov.b32 $0, 0;\n}", "=r,l,r,r",
+                                  [src, ring + 16 * e, on], dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise("cp.async.commit_group;\nmov.b32 $0, 0;", "=r,r", [tl.arange(0, 32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        words = tl.arange(0, 8)[None, :]
+        ok = (on != 0)[:, None]
+        values = tl.load(src.to(tl.pointer_type(tl.int16), bitcast=True)[:, None] + words, mask=ok)
+        tl.store(ring_ptr + ((ring + 16 * e) // 2)[:, None] + words, values, mask=ok)
 
 
 @triton.jit
@@ -198,7 +212,9 @@ def _ring_wait(PF: tl.constexpr, x):
     """Wait until at most PF - 1 copy groups are in flight (the oldest, the piece about to be read, has landed) and
     make every lane's copies visible to the warp. Returns 0, computed by the waiting assembly: added to the ring
     addresses it keeps the reads (pure, so that each value is read once per thread) after the wait."""
-    if PF == 1:
+    if not PTX:
+        w = x * 0
+    elif PF == 1:
         w = tl.inline_asm_elementwise("cp.async.wait_group 0;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
                                       dtype=tl.int32, is_pure=False, pack=1)
     elif PF == 2:
@@ -221,19 +237,22 @@ def _ring_wait(PF: tl.constexpr, x):
 def _ring_drain():
     """Wait for every copy still in flight (those of the pieces past the walk's end): none may land in the shared
     memory of a program that runs on the SM after this one."""
-    tl.inline_asm_elementwise("cp.async.wait_all;\nmov.b32 $0, 0;", "=r,r", [tl.arange(0, 32)], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    if PTX:
+        tl.inline_asm_elementwise("cp.async.wait_all;\nmov.b32 $0, 0;", "=r,r", [tl.arange(0, 32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
-def _ring_rows(ring, k: tl.constexpr, offs, ptr, U: tl.constexpr, VEC: tl.constexpr):
+def _ring_rows(ring, k: tl.constexpr, offs, ptr, U: tl.constexpr, VEC: tl.constexpr, ring_ptr):
     """Rows k * U .. k * U + U-1 of the ring slot at ``ring`` (32 bytes each, copied from ``ptr``'s array) as U
     tiles of byte offsets ``offs`` within a row: 2-byte values one by one, or with VEC = 8 or 4 runs of VEC (an
     (NV, NH, BD) tile of B or C) as one read from the address of the run's first element."""
     rows = ()
     for j in tl.static_range(U):
         at = ring + 32 * (k * U + j) + offs
-        if VEC == 8:
+        if not PTX:
+            rows = rows + (tl.load(ring_ptr + at // 2).to(ptr.dtype.element_ty, bitcast=True),)
+        elif VEC == 8:
             rows = rows + (tl.inline_asm_elementwise("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
                                                      "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [at],
                                                      dtype=ptr.dtype.element_ty, is_pure=True, pack=8),)
@@ -484,7 +503,7 @@ def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, o_row, o_step, of
 @triton.jit(do_not_specialize=["one", "save"])
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr, seg_state_ptr, seg_dt_ptr,
-    L, DIM, SEG, one, save,
+    ring_ptr, L, DIM, SEG, one, save,
     s_ub, s_ul: tl.constexpr, s_tb, s_tl: tl.constexpr, s_zb, s_zl: tl.constexpr, s_Bb, s_Bl: tl.constexpr, s_Cb,
     s_Cl: tl.constexpr, s_ob, s_ol: tl.constexpr,
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, DEPTH: tl.constexpr, CHUNK: tl.constexpr,
@@ -541,21 +560,22 @@ def _scan_fwd_kernel(
         on = ((e < 2 * U * arrays) & (((e % 2) == 0) | (k_of == 2) | (k_of == 3) | (BD * 2 > 16))).to(tl.int32)
         ring_d = (offs_d % BD) * 2
         for b in tl.static_range(DEPTH):
-            _ring_copy(lanes, ring + b * SLOT, start + b * U, L, on, REVERSE)
+            _ring_copy(lanes, ring + b * SLOT, start + b * U, L, on, REVERSE, ring_ptr)
         i_rest = start + ((end - start) // U) * U
         for i0 in range(start, i_rest, U):
             blk_i = (i0 - start) // U
             slot = ring + (blk_i % (DEPTH + 1)) * SLOT + _ring_wait(DEPTH, ring_d)
-            _ring_copy(lanes, ring + ((blk_i + DEPTH) % (DEPTH + 1)) * SLOT, i0 + DEPTH * U, L, on, REVERSE)
-            us = _ring_rows(slot, 0, ring_d, u_ptr, U, 0)
-            dts = _ring_rows(slot, 1, ring_d, dt_ptr, U, 0)
-            Bs = _ring_rows(slot, 2, offs_bc * 2, B_ptr, U, NV)
+            _ring_copy(lanes, ring + ((blk_i + DEPTH) % (DEPTH + 1)) * SLOT, i0 + DEPTH * U, L, on, REVERSE,
+                       ring_ptr)
+            us = _ring_rows(slot, 0, ring_d, u_ptr, U, 0, ring_ptr)
+            dts = _ring_rows(slot, 1, ring_d, dt_ptr, U, 0, ring_ptr)
+            Bs = _ring_rows(slot, 2, offs_bc * 2, B_ptr, U, NV, ring_ptr)
             Cs = Bs
             zs = us
             if not STATE_ONLY:
-                Cs = _ring_rows(slot, 3, offs_bc * 2, C_ptr, U, NV)
+                Cs = _ring_rows(slot, 3, offs_bc * 2, C_ptr, U, NV, ring_ptr)
                 if HAS_Z:
-                    zs = _ring_rows(slot, 4, ring_d, z_ptr, U, 0)
+                    zs = _ring_rows(slot, 4, ring_d, z_ptr, U, 0, ring_ptr)
             _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
             h, dt_sum = _fwd_steps(h, dt_sum, (us, dts, zs, Bs, Cs), i0, end, A2, Dv, bias, out_ptr,
                                    _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U, HAS_Z,
@@ -715,7 +735,8 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
                offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias,
                N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr,
                SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr,
-               MASKED: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, ring, ring_d, RING: tl.constexpr):
+               MASKED: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, ring, ring_d, ring_ptr,
+               RING: tl.constexpr):
     """Walk steps i0+SUB-1..i0 backwards from the state ``h`` before i0: the piece's states and decays into
     registers, then the adjoint step by step, writing du, ddt, dz and the channel block's dB/dC rows. With RING (and
     not MASKED) the rows come from the ring slot at ``ring`` (see _ring_copy: u, dt, B, dout, C, z); ``ring_d``: each
@@ -724,14 +745,14 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
     g_step = -s_gl if REVERSE else s_gl
     if RING and not MASKED:
         row_d = ring_d
-        us = _ring_rows(ring, 0, row_d, u_ptr, SUB, 0)
-        dts = _ring_rows(ring, 1, row_d, dt_ptr, SUB, 0)
-        Bs = _ring_rows(ring, 2, offs_bc * 2, B_ptr, SUB, NV)
-        gs = _ring_rows(ring, 3, row_d, dout_ptr, SUB, 0)
-        Cs = _ring_rows(ring, 4, offs_bc * 2, C_ptr, SUB, NV)
+        us = _ring_rows(ring, 0, row_d, u_ptr, SUB, 0, ring_ptr)
+        dts = _ring_rows(ring, 1, row_d, dt_ptr, SUB, 0, ring_ptr)
+        Bs = _ring_rows(ring, 2, offs_bc * 2, B_ptr, SUB, NV, ring_ptr)
+        gs = _ring_rows(ring, 3, row_d, dout_ptr, SUB, 0, ring_ptr)
+        Cs = _ring_rows(ring, 4, offs_bc * 2, C_ptr, SUB, NV, ring_ptr)
         zs = gs
         if HAS_Z:
-            zs = _ring_rows(ring, 5, row_d, z_ptr, SUB, 0)
+            zs = _ring_rows(ring, 5, row_d, z_ptr, SUB, 0, ring_ptr)
     else:
         us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
                                           s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z, True,
@@ -788,7 +809,7 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
 @triton.jit(do_not_specialize=["one"])
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
-    seg_adj_ptr, seg_dt_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dBC_ptr,
+    seg_adj_ptr, seg_dt_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dBC_ptr, ring_ptr,
     L, DIM, SEG, one,
     s_ub, s_ul: tl.constexpr, s_tb, s_tl: tl.constexpr, s_zb, s_zl: tl.constexpr, s_Bb, s_Bl: tl.constexpr, s_Cb,
     s_Cl: tl.constexpr, s_gb, s_gl: tl.constexpr,
@@ -884,14 +905,16 @@ def _scan_bwd_kernel(
             # Reduced from an (NV, NH, BD) tile, so that the reads from the ring come out in the layout the per-channel
             # values are used in (their inline assembly cannot be recomputed in another layout, as loads are).
             ring_d = tl.max(tl.max(_bc(tl.arange(0, BD) * 2) + offs_n * 0, axis=0), axis=0)
-            tl.static_assert((PF >= 1) & ((PF + 1) * SLOT <= RING_BYTES) & (BD == 16) & (N == 16))
+            tl.static_assert(PF >= 1)
+            tl.static_assert((PF + 1) * SLOT <= RING_BYTES)
+            tl.static_assert((BD == 16) and (N == 16))
             ring = _ring_alloc()
             cp = _prefetch_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb),
                                  (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d, 0, first_d),
                                  (first_d + 8, first_d + 8, 8, first_d + 8, 8, first_d + 8), pid_b, SUB)
             cp_on = (tl.arange(0, 16 * SUB) < 2 * (5 + HAS_Z) * SUB).to(tl.int32)
             for ahead in tl.static_range(PF):
-                _ring_copy(cp, ring + ahead * SLOT, (p_last - ahead) * SUB, L, cp_on, REVERSE)
+                _ring_copy(cp, ring + ahead * SLOT, (p_last - ahead) * SUB, L, cp_on, REVERSE, ring_ptr)
         for c_rev in range(n_seg_chunks):
             c = c_first + n_seg_chunks - 1 - c_rev
             # The state at the start of each SUB-step piece of this chunk, into a small L2-resident scratch.
@@ -916,7 +939,8 @@ def _scan_bwd_kernel(
                 if RING:
                     q = p_last - i0 // SUB
                     slot = ring + (q % (PF + 1)) * SLOT + _ring_wait(PF, ring_d)
-                    _ring_copy(cp, ring + ((q + PF) % (PF + 1)) * SLOT, i0 - PF * SUB, L, cp_on, REVERSE)
+                    _ring_copy(cp, ring + ((q + PF) % (PF + 1)) * SLOT, i0 - PF * SUB, L, cp_on, REVERSE,
+                               ring_ptr)
                 elif PF > 0:
                     _prefetch(pf, i0 - PF * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
                 h = tl.load(scratch + s * BD * N)
@@ -925,13 +949,15 @@ def _scan_bwd_kernel(
                         dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
                         s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, BD,
-                        SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL, SMEM_SUMS, slot, ring_d, RING)
+                        SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL, SMEM_SUMS, slot, ring_d, ring_ptr,
+                        RING)
                 else:
                     dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
                         dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
                         s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, BD,
-                        SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL, SMEM_SUMS, slot, ring_d, RING)
+                        SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL, SMEM_SUMS, slot, ring_d, ring_ptr,
+                        RING)
         if RING:
             _ring_drain()
         tl.store(dA_ptr + seg.to(tl.int64) * DIM * N + dn, dA_acc, mask=mask_dn)
@@ -1027,6 +1053,14 @@ def _ring_rows_ok(*ts: torch.Tensor | None) -> bool:
                              and t.data_ptr() % 16 == 0) for t in ts)
 
 
+def _ring_buffer(ring: bool, programs: int, like: torch.Tensor) -> torch.Tensor:
+    """What stands in for the ring's shared memory under the interpreter (one RING_BYTES row per program); on the
+    GPU the kernels ignore the argument."""
+    if ring and INTERPRET:
+        return torch.empty(programs * _RING_BYTES // 2, dtype=torch.int16, device=like.device)
+    return like
+
+
 def _strides(*ts: torch.Tensor) -> list[int]:
     return [s for t in ts for s in (t.stride(0), t.stride(1))]
 
@@ -1058,8 +1092,9 @@ class SelectiveScanFn(torch.autograd.Function):
             bd, nv = cfg["BD_idle"], min(n, cfg["NV_idle"])
             n_blocks = triton.cdiv(dim, bd)
         lanes = _lanes_known(B, C, n, dim, bd, nv, cfg["num_warps"])
-        ring = (cfg["ring"] and lanes and 1 <= depth <= 5 and (depth + 1) * 5 * steps * 32 <= 4096
-                and _ring_rows_ok(u, delta, z))
+        ring = (cfg["ring"] and (lanes or INTERPRET) and dim % bd == 0 and 1 <= depth <= 5
+                and (depth + 1) * 5 * steps * 32 <= _RING_BYTES and _ring_rows_ok(u, delta, z, B, C))
+        ring_buf = _ring_buffer(ring, batch * n_blocks * n_seg, u)
         group = n // nv if cfg["group"] and (lanes or INTERPRET) and n // nv in (2, 4) else 1
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
@@ -1067,7 +1102,7 @@ class SelectiveScanFn(torch.autograd.Function):
         def launch(seg_state: torch.Tensor, save_states: bool, state_only: bool, has_init: bool) -> None:
             _scan_fwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if D_ is not None else A, z if z is not None else u,
-                bias if bias is not None else A, out, states, seg_state, seg_dt, length, dim, seg_len, 1,
+                bias if bias is not None else A, out, states, seg_state, seg_dt, ring_buf, length, dim, seg_len, 1,
                 int(save_states), *_strides(u, delta, z if z is not None else u, B, C, out),
                 N=n, NV=nv, BD=bd, U=steps, DEPTH=depth, CHUNK=chunk, HAS_D=D is not None,
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
@@ -1113,13 +1148,14 @@ class SelectiveScanFn(torch.autograd.Function):
         scratch = torch.empty(batch * n_blocks * n_seg * (chunk // cfg["SUB"]) * cfg["BD"] * n, **f32)
 
         shfl = _lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True)
-        ring = (cfg["ring"] and shfl and 1 <= cfg["prefetch"] <= 4 and cfg["SUB"] == 4
-                and _ring_rows_ok(u, delta, z, dout))
+        ring = (cfg["ring"] and (shfl or INTERPRET) and dim % cfg["BD"] == 0 and 1 <= cfg["prefetch"] <= 4
+                and cfg["SUB"] == 4 and n == 16 and _ring_rows_ok(u, delta, z, dout, B, C))
+        ring_buf = _ring_buffer(ring, batch * n_blocks * n_seg, u)
 
         def launch(seg_adj: torch.Tensor, adj_only: bool, has_init: bool) -> None:
             _scan_bwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if has_d else A, z if has_z else u, bias if has_bias else A, dout, states,
-                scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dBC,
+                scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dBC, ring_buf,
                 length, dim, seg_len, 1, *_strides(u, delta, z if has_z else u, B, C, dout),
                 N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=chunk, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,

@@ -160,8 +160,9 @@ def _prefetch(lanes, i0, L, ROWS: tl.constexpr, REVERSE: tl.constexpr):
                                   dtype=tl.int32, is_pure=False, pack=1)
 
 
-# The backward's ring of rows copied ahead (BWD_CONFIG["ring"]): a buffer in shared memory that the inline assembly
-# declares itself (Triton's own shared memory is not addressable from it), PF + 1 slots of one piece's rows each.
+# The ring of rows copied ahead (FWD_CONFIG["ring"], BWD_CONFIG["ring"]): a buffer in shared memory that the inline
+# assembly declares itself (Triton's own shared memory is not addressable from it), in slots of one block's or piece's
+# rows, one more slot than blocks or pieces in flight.
 _RING_BYTES = 4096
 RING_BYTES = tl.constexpr(_RING_BYTES)
 _RING_ASM: tl.constexpr = tl.constexpr("{\n.shared .align 16 .b8 ring[" + str(_RING_BYTES) + "];\nmov.u32 $0, ring;\n}")
@@ -207,29 +208,22 @@ def _ring_copy(lanes, ring, i0, L, on, REVERSE: tl.constexpr, ring_ptr):
         tl.store(ring_ptr + ((ring + 16 * e) // 2)[:, None] + words, values, mask=ok)
 
 
+# _RING_WAIT_ASM[k]: wait until at most k copy groups are in flight (cp.async.wait_group takes k as an immediate).
+_RING_WAIT_ASM = tl.constexpr(tuple(f"cp.async.wait_group {n};\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;"
+                                    for n in range(5)))
+
+
 @triton.jit
 def _ring_wait(PF: tl.constexpr, x):
     """Wait until at most PF - 1 copy groups are in flight (the oldest, the piece about to be read, has landed) and
-    make every lane's copies visible to the warp. Returns 0, computed by the waiting assembly: added to the ring
-    addresses it keeps the reads (pure, so that each value is read once per thread) after the wait."""
-    if not PTX:
-        w = x * 0
-    elif PF == 1:
-        w = tl.inline_asm_elementwise("cp.async.wait_group 0;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-    elif PF == 2:
-        w = tl.inline_asm_elementwise("cp.async.wait_group 1;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-    elif PF == 3:
-        w = tl.inline_asm_elementwise("cp.async.wait_group 2;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-    elif PF == 4:
-        w = tl.inline_asm_elementwise("cp.async.wait_group 3;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+    make every lane's copies visible to the warp. Returns 0, computed by the waiting assembly from ``x`` (any int32
+    tile): added to the ring addresses it keeps the reads (pure, so that each value is read once per thread) after
+    the wait."""
+    if PTX:
+        tl.static_assert((PF >= 1) and (PF <= 5))
+        w = tl.inline_asm_elementwise(_RING_WAIT_ASM[PF - 1], "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
     else:
-        tl.static_assert(PF == 5)
-        w = tl.inline_asm_elementwise("cp.async.wait_group 4;\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+        w = x * 0
     return tl.min(w, axis=0)
 
 

@@ -130,7 +130,8 @@ SWEEP_BWD = [{},
              {"chunk": 256},
              {"ring": True},
              {"ring": True, "prefetch": 1},
-             {"ring": True, "prefetch": 4}]
+             {"ring": True, "prefetch": 4},
+             {"ring": True, "ring_adj": True}]
 
 
 def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direction: str,

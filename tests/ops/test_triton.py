@@ -71,10 +71,11 @@ def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, 
 # by the shuffle butterfly (it needs the bf16 B/C layout these shapes give), no L2 prefetch, a register cap (spills),
 # pieces of 2 steps under the same cap (no spills in the loops; prefetch 4 pieces: the same 8 steps ahead), states
 # saved every 256 steps (64 by default), the adjoint walk's rows copied 2 (the default prefetch), 1 and 4 pieces ahead
-# into a ring in shared memory.
+# into a ring in shared memory, and the adjoint-only pass's too.
 @pytest.mark.parametrize("config", [{"smem_sums": False}, {"prefetch": 0}, {"maxnreg": 168},
                                     {"SUB": 2, "maxnreg": 168, "prefetch": 4}, {"chunk": 256}, {"ring": True},
-                                    {"ring": True, "prefetch": 1}, {"ring": True, "prefetch": 4}])
+                                    {"ring": True, "prefetch": 1}, {"ring": True, "prefetch": 4},
+                                    {"ring": True, "ring_adj": True}])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("batch", "length", "dim"), [(2, 513, 512), (32, 300, 256)])
 def test_selective_scan_backward_settings(config, reverse, batch, length, dim, monkeypatch) -> None:

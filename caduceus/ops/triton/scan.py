@@ -49,7 +49,8 @@ PTX = tl.constexpr(not INTERPRET)
 # 5% faster backward on the H200).
 # ring (both directions): the rows copied ahead into a ring in shared memory (cp.async) and read from there, instead of
 # loaded into registers ``depth`` blocks ahead (forward) or from L2 when due (backward's adjoint walk, ``prefetch``
-# pieces ahead); bf16/fp16 rows, 16-byte aligned, the lanes layout; see _ring_copy.
+# pieces ahead); bf16/fp16 rows, 16-byte aligned, the lanes layout; see _ring_copy. ring_adj: with ring, the
+# backward's adjoint-only pass (time segments) too: it holds few registers, so other warps may hide its loads anyway.
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
 # chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps: at 64 half the
 # bytes of a bf16 (b, l, d) tensor); the backward recomputes a chunk's chunk / SUB piece states into a scratch meant to
@@ -59,7 +60,7 @@ FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4
               "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
               "group": True, "ring": False}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
-              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64, "ring": False}
+              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64, "ring": False, "ring_adj": False}
 
 
 @triton.jit
@@ -180,6 +181,25 @@ def _ring_alloc():
     else:
         pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         return pid * RING_BYTES
+
+
+@triton.jit
+def _ring_lanes(ptrs, s_bs, s_ls, firsts, pid_b, STEPS: tl.constexpr, ARRAYS: tl.constexpr, NARROW: tl.constexpr):
+    """The copy lanes of _ring_copy for the first ARRAYS of ``ptrs`` (rows of 32 bytes from element firsts[k], as two
+    halves: _prefetch_lanes with firsts[k] + 8 as the second element) and which of them copy: the second half of a
+    row only where NARROW[k] is false (rows of 16 bytes, such as 8 channels)."""
+    seconds = ()
+    for k in tl.static_range(len(firsts)):
+        seconds = seconds + (firsts[k] + 8,)
+    lanes = _prefetch_lanes(ptrs, s_bs, s_ls, firsts, seconds, pid_b, STEPS)
+    e = tl.arange(0, 16 * STEPS)
+    k_of = (e // (2 * STEPS)) % len(ptrs)
+    half = (e % 2) == 1
+    on = e < 2 * STEPS * ARRAYS
+    for k in tl.static_range(len(ptrs)):
+        if NARROW[k]:
+            on = on & ~((k_of == k) & half)
+    return lanes, on.to(tl.int32)
 
 
 @triton.jit
@@ -544,14 +564,10 @@ def _scan_fwd_kernel(
         tl.static_assert((DEPTH + 1) * SLOT <= RING_BYTES)
         ring = _ring_alloc()
         first_d = tl.program_id(1) * BD
-        lanes = _prefetch_lanes((u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_Cb, s_zb),
-                                (s_ul, s_tl, s_Bl, s_Cl, s_zl), (first_d, first_d, 0, 0, first_d),
-                                (first_d + 8, first_d + 8, 8, 8, first_d + 8), pid_b, U)
-        e = tl.arange(0, 16 * U)
-        k_of = (e // (2 * U)) % 5
-        arrays: tl.constexpr = 3 if STATE_ONLY else (5 if HAS_Z else 4)
-        # The second 16 bytes of a row: B and C rows always have them, channel rows only with BD = 16.
-        on = ((e < 2 * U * arrays) & (((e % 2) == 0) | (k_of == 2) | (k_of == 3) | (BD * 2 > 16))).to(tl.int32)
+        narrow: tl.constexpr = BD == 8  # channel rows of 16 bytes; B and C rows are 32
+        lanes, on = _ring_lanes((u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_Cb, s_zb),
+                                (s_ul, s_tl, s_Bl, s_Cl, s_zl), (first_d, first_d, 0, 0, first_d), pid_b, U,
+                                3 if STATE_ONLY else (5 if HAS_Z else 4), (narrow, narrow, False, False, narrow))
         ring_d = (offs_d % BD) * 2
         for b in tl.static_range(DEPTH):
             _ring_copy(lanes, ring + b * SLOT, start + b * U, L, on, REVERSE, ring_ptr)
@@ -687,19 +703,30 @@ def _store_channel_sums(ptrs, dB, dC, flags, SMEM: tl.constexpr):
 
 @triton.jit
 def _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb, s_gl, s_zb, s_zl,
-               s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB: tl.constexpr, HAS_Z: tl.constexpr,
+               s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, NV: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr,
                SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr,
-               MASKED: tl.constexpr):
-    """dh <- a_t * (dh + g_t C_t) back over walk steps i0+SUB-1..i0; needs neither the states nor u and B."""
-    sgn = -1 if REVERSE else 1
-    dts = _rows(dt_ptr, _walk(pid_b, i0, L, s_tb, s_tl, REVERSE), sgn * s_tl, i0, L, offs_d, cols, SUB, COLS, MASKED)
-    gs = _rows(dout_ptr, _walk(pid_b, i0, L, s_gb, s_gl, REVERSE), sgn * s_gl, i0, L, offs_d, cols, SUB, COLS,
-               MASKED)
-    Cs = _rows(C_ptr, _walk(pid_b, i0, L, s_Cb, s_Cl, REVERSE), sgn * s_Cl, i0, L, offs_bc, cols, SUB, False, MASKED)
-    zs = gs
-    if HAS_Z:
-        zs = _rows(z_ptr, _walk(pid_b, i0, L, s_zb, s_zl, REVERSE), sgn * s_zl, i0, L, offs_d, cols, SUB, COLS,
+               MASKED: tl.constexpr, ring, ring_d, ring_ptr, RING: tl.constexpr):
+    """dh <- a_t * (dh + g_t C_t) back over walk steps i0+SUB-1..i0; needs neither the states nor u and B. With RING
+    (and not MASKED) the rows come from the ring slot at ``ring`` (dt, dout, C, z; see _bwd_piece)."""
+    if RING and not MASKED:
+        dts = _ring_rows(ring, 0, ring_d, dt_ptr, SUB, 0, ring_ptr)
+        gs = _ring_rows(ring, 1, ring_d, dout_ptr, SUB, 0, ring_ptr)
+        Cs = _ring_rows(ring, 2, offs_bc * 2, C_ptr, SUB, NV, ring_ptr)
+        zs = gs
+        if HAS_Z:
+            zs = _ring_rows(ring, 3, ring_d, z_ptr, SUB, 0, ring_ptr)
+    else:
+        sgn = -1 if REVERSE else 1
+        dts = _rows(dt_ptr, _walk(pid_b, i0, L, s_tb, s_tl, REVERSE), sgn * s_tl, i0, L, offs_d, cols, SUB, COLS,
+                    MASKED)
+        gs = _rows(dout_ptr, _walk(pid_b, i0, L, s_gb, s_gl, REVERSE), sgn * s_gl, i0, L, offs_d, cols, SUB, COLS,
                    MASKED)
+        Cs = _rows(C_ptr, _walk(pid_b, i0, L, s_Cb, s_Cl, REVERSE), sgn * s_Cl, i0, L, offs_bc, cols, SUB, False,
+                   MASKED)
+        zs = gs
+        if HAS_Z:
+            zs = _rows(z_ptr, _walk(pid_b, i0, L, s_zb, s_zl, REVERSE), sgn * s_zl, i0, L, offs_d, cols, SUB, COLS,
+                       MASKED)
     for j in tl.static_range(SUB - 1, -1, -1):
         dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU, MASKED)
         g = _gate(gs[j].to(tl.float32), zs[j].to(tl.float32), HAS_Z, MUFU)
@@ -843,23 +870,52 @@ def _scan_bwd_kernel(
         dh = tl.zeros([NV, N // NV, BD], tl.float32)
     first_d = pid_d * BD
     last_d = first_d + BD - 1
+    # RING: the adjoint walks' rows (both passes) are copied PF pieces ahead into a ring of PF + 1 slots in shared
+    # memory (cp.async; see _ring_copy) instead of only asked of L2: piece q of a walk (q = last - i0 // SUB) is read
+    # from slot q % (PF + 1). The first PF pieces' copies go out before the walk (in the main pass, to land during the
+    # first recompute walk).
+    ring = 0
+    ring_d = tl.arange(0, BD)
+    if RING:
+        tl.static_assert(PF >= 1)
+        tl.static_assert((BD == 16) and (N == 16))
+        ring = _ring_alloc()
+        # Reduced from an (NV, NH, BD) tile, so that the reads from the ring come out in the layout the per-channel
+        # values are used in (their inline assembly cannot be recomputed in another layout, as loads are).
+        ring_d = tl.max(tl.max(_bc(tl.arange(0, BD) * 2) + offs_n * 0, axis=0), axis=0)
     if ADJ_ONLY:
         dt_sum = tl.zeros([BD], tl.float32)
         n_sub = tl.cdiv(end - start, SUB)
         pf = _prefetch_lanes((dt_ptr, dout_ptr, C_ptr, z_ptr), (s_tb, s_gb, s_Cb, s_zb), (s_tl, s_gl, s_Cl, s_zl),
                              (first_d, first_d, 0, first_d), (last_d, last_d, N - 1, last_d), pid_b, SUB)
+        SLOT_ADJ: tl.constexpr = 4 * SUB * 32
+        if RING:
+            tl.static_assert((PF + 1) * SLOT_ADJ <= RING_BYTES)
+            cp, cp_on = _ring_lanes((dt_ptr, dout_ptr, C_ptr, z_ptr), (s_tb, s_gb, s_Cb, s_zb),
+                                    (s_tl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d), pid_b, SUB, 3 + HAS_Z,
+                                    (False,) * 4)
+            for ahead in tl.static_range(PF):
+                _ring_copy(cp, ring + ahead * SLOT_ADJ, start + (n_sub - 1 - ahead) * SUB, L, cp_on, REVERSE,
+                           ring_ptr)
         for s_rev in range(n_sub):
             i0 = start + (n_sub - 1 - s_rev) * SUB
-            if PF > 0:
+            slot = ring
+            if RING:
+                slot = ring + (s_rev % (PF + 1)) * SLOT_ADJ + _ring_wait(PF, ring_d)
+                _ring_copy(cp, ring + ((s_rev + PF) % (PF + 1)) * SLOT_ADJ, i0 - PF * SUB, L, cp_on, REVERSE,
+                           ring_ptr)
+            elif PF > 0:
                 _prefetch(pf, i0 - PF * SUB, L, (3 + HAS_Z) * SUB, REVERSE)
             if i0 + SUB <= L:
                 dh, dt_sum = _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb,
-                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB, HAS_Z,
-                                        SOFTPLUS, REVERSE, MUFU, COLS, False)
+                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, NV, SUB, HAS_Z,
+                                        SOFTPLUS, REVERSE, MUFU, COLS, False, slot, ring_d, ring_ptr, RING)
             else:
                 dh, dt_sum = _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb,
-                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB, HAS_Z,
-                                        SOFTPLUS, REVERSE, MUFU, COLS, True)
+                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, NV, SUB, HAS_Z,
+                                        SOFTPLUS, REVERSE, MUFU, COLS, True, slot, ring_d, ring_ptr, RING)
+        if RING:
+            _ring_drain()
         tl.store(seg_adj, dh, mask=mask_dn)
         tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=cols)
     else:
@@ -892,21 +948,12 @@ def _scan_bwd_kernel(
         # (cp.async; see _ring_copy) instead of only asked of L2: piece q of the walk (q = last - i0 // SUB) is read
         # from slot q % (PF + 1). The first PF pieces' copies go out now, to land during the first recompute walk.
         SLOT: tl.constexpr = 6 * SUB * 32
-        ring = 0
-        ring_d = tl.arange(0, BD)
         p_last = (end - 1) // SUB
         if RING:
-            # Reduced from an (NV, NH, BD) tile, so that the reads from the ring come out in the layout the per-channel
-            # values are used in (their inline assembly cannot be recomputed in another layout, as loads are).
-            ring_d = tl.max(tl.max(_bc(tl.arange(0, BD) * 2) + offs_n * 0, axis=0), axis=0)
-            tl.static_assert(PF >= 1)
             tl.static_assert((PF + 1) * SLOT <= RING_BYTES)
-            tl.static_assert((BD == 16) and (N == 16))
-            ring = _ring_alloc()
-            cp = _prefetch_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb),
-                                 (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d, 0, first_d),
-                                 (first_d + 8, first_d + 8, 8, first_d + 8, 8, first_d + 8), pid_b, SUB)
-            cp_on = (tl.arange(0, 16 * SUB) < 2 * (5 + HAS_Z) * SUB).to(tl.int32)
+            cp, cp_on = _ring_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr),
+                                    (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb), (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl),
+                                    (first_d, first_d, 0, first_d, 0, first_d), pid_b, SUB, 5 + HAS_Z, (False,) * 6)
             for ahead in tl.static_range(PF):
                 _ring_copy(cp, ring + ahead * SLOT, (p_last - ahead) * SUB, L, cp_on, REVERSE, ring_ptr)
         for c_rev in range(n_seg_chunks):
@@ -1155,7 +1202,8 @@ class SelectiveScanFn(torch.autograd.Function):
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
                 SHFL=shfl,
-                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"], RING=ring, num_warps=cfg["num_warps"],
+                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"], RING=ring and (cfg["ring_adj"] or not adj_only),
+                num_warps=cfg["num_warps"],
                 maxnreg=cfg["maxnreg"],
             )
 

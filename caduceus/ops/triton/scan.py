@@ -280,6 +280,20 @@ def _ring_rows(ring, k: tl.constexpr, offs, ptr, U: tl.constexpr, VEC: tl.conste
 
 
 @triton.jit
+def _ring_read(ring, ptrs, STATES: tl.constexpr, ring_d, offs_bc, U: tl.constexpr, NV: tl.constexpr, ring_ptr):
+    """The U rows of each array of ``ptrs`` (array k in rows k * U ..) from the ring slot at ``ring``: channel rows
+    at the byte offsets ``ring_d``, rows over the states (STATES[k]: B, C) as (NV, NH, BD) tiles. Rows that were not
+    copied (z without a gate) read garbage that nothing uses."""
+    out = ()
+    for k in tl.static_range(len(ptrs)):
+        if STATES[k]:
+            out = out + (_ring_rows(ring, k, offs_bc * 2, ptrs[k], U, NV, ring_ptr),)
+        else:
+            out = out + (_ring_rows(ring, k, ring_d, ptrs[k], U, 0, ring_ptr),)
+    return out
+
+
+@triton.jit
 def _load(ptr, cols, ok, COLS: tl.constexpr, MASKED: tl.constexpr):
     """Masks only where needed: ``cols`` (channels past DIM) where COLS, ``ok`` (the step is before the end) where
     MASKED. Masked-off elements read as 0."""
@@ -577,15 +591,8 @@ def _scan_fwd_kernel(
             slot = ring + (blk_i % (DEPTH + 1)) * SLOT + _ring_wait(DEPTH, ring_d)
             _ring_copy(lanes, ring + ((blk_i + DEPTH) % (DEPTH + 1)) * SLOT, i0 + DEPTH * U, L, on, REVERSE,
                        ring_ptr)
-            us = _ring_rows(slot, 0, ring_d, u_ptr, U, 0, ring_ptr)
-            dts = _ring_rows(slot, 1, ring_d, dt_ptr, U, 0, ring_ptr)
-            Bs = _ring_rows(slot, 2, offs_bc * 2, B_ptr, U, NV, ring_ptr)
-            Cs = Bs
-            zs = us
-            if not STATE_ONLY:
-                Cs = _ring_rows(slot, 3, offs_bc * 2, C_ptr, U, NV, ring_ptr)
-                if HAS_Z:
-                    zs = _ring_rows(slot, 4, ring_d, z_ptr, U, 0, ring_ptr)
+            us, dts, Bs, Cs, zs = _ring_read(slot, (u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr),
+                                             (False, False, True, True, False), ring_d, offs_bc, U, NV, ring_ptr)
             _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
             h, dt_sum = _fwd_steps(h, dt_sum, (us, dts, zs, Bs, Cs), i0, end, A2, Dv, bias, out_ptr,
                                    _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U, HAS_Z,
@@ -709,12 +716,8 @@ def _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s
     """dh <- a_t * (dh + g_t C_t) back over walk steps i0+SUB-1..i0; needs neither the states nor u and B. With RING
     (and not MASKED) the rows come from the ring slot at ``ring`` (dt, dout, C, z; see _bwd_piece)."""
     if RING and not MASKED:
-        dts = _ring_rows(ring, 0, ring_d, dt_ptr, SUB, 0, ring_ptr)
-        gs = _ring_rows(ring, 1, ring_d, dout_ptr, SUB, 0, ring_ptr)
-        Cs = _ring_rows(ring, 2, offs_bc * 2, C_ptr, SUB, NV, ring_ptr)
-        zs = gs
-        if HAS_Z:
-            zs = _ring_rows(ring, 3, ring_d, z_ptr, SUB, 0, ring_ptr)
+        dts, gs, Cs, zs = _ring_read(ring, (dt_ptr, dout_ptr, C_ptr, z_ptr), (False, False, True, False), ring_d,
+                                     offs_bc, SUB, NV, ring_ptr)
     else:
         sgn = -1 if REVERSE else 1
         dts = _rows(dt_ptr, _walk(pid_b, i0, L, s_tb, s_tl, REVERSE), sgn * s_tl, i0, L, offs_d, cols, SUB, COLS,
@@ -765,15 +768,9 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
     g_row = _walk(pid_b, i0, L, s_gb, s_gl, REVERSE)
     g_step = -s_gl if REVERSE else s_gl
     if RING and not MASKED:
-        row_d = ring_d
-        us = _ring_rows(ring, 0, row_d, u_ptr, SUB, 0, ring_ptr)
-        dts = _ring_rows(ring, 1, row_d, dt_ptr, SUB, 0, ring_ptr)
-        Bs = _ring_rows(ring, 2, offs_bc * 2, B_ptr, SUB, NV, ring_ptr)
-        gs = _ring_rows(ring, 3, row_d, dout_ptr, SUB, 0, ring_ptr)
-        Cs = _ring_rows(ring, 4, offs_bc * 2, C_ptr, SUB, NV, ring_ptr)
-        zs = gs
-        if HAS_Z:
-            zs = _ring_rows(ring, 5, row_d, z_ptr, SUB, 0, ring_ptr)
+        us, dts, Bs, gs, Cs, zs = _ring_read(ring, (u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr),
+                                             (False, False, True, False, True, False), ring_d, offs_bc, SUB, NV,
+                                             ring_ptr)
     else:
         us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
                                           s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z, True,

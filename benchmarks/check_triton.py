@@ -140,6 +140,13 @@ def check_norm(rows: int, width: int, dtype: torch.dtype, residual: bool) -> dic
     return errs
 
 
+def conv_cases(shape: tuple[int, int, int]) -> list[tuple]:
+    """The conv with and without its SiLU, both dtypes and directions, at one shape."""
+    return [("conv silu" if silu else "conv", dtype, reverse, shape, lambda *a, silu=silu: check_conv(*a, silu=silu))
+            for dtype, reverse, silu in itertools.product((torch.float32, torch.bfloat16), (False, True),
+                                                          (False, True))]
+
+
 def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -> bool:
     torch.manual_seed(shard)
     cases = []
@@ -154,9 +161,7 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
     fwd_only = [(1, 4099, 512)] if quick else [(1, 4099, 512), (4, 20000, 236), (1, 131072, 236), (2, 131072, 512)]
     for shape, dtype, reverse in itertools.product(fwd_only, (torch.float32, torch.bfloat16), (False, True)):
         cases.append(("scan fwd", dtype, reverse, shape, lambda *a: check_scan(*a, grads=False)))
-    for dtype, reverse, silu in itertools.product((torch.float32, torch.bfloat16), (False, True), (False, True)):
-        cases.append(("conv silu" if silu else "conv", dtype, reverse, (3, 1000, 236),
-                      lambda *a, silu=silu: check_conv(*a, silu=silu)))
+    cases += conv_cases((3, 1000, 236))
     for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True)):
         cases.append(("rms_norm", dtype, res, (1000, 256), check_norm))
     if DEVICE == "cpu":  # the interpreter runs a kernel's programs one by one in Python: small shapes only
@@ -166,10 +171,7 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
         # 4 time segments: the state passed from segment to segment is decayed by their sums of dt
         cases += [("scan fwd", dtype, reverse, (1, 1000, 16), lambda *a: check_scan(*a, grads=False))
                   for dtype, reverse in itertools.product((torch.float32, torch.bfloat16), (False, True))]
-        cases += [("conv silu" if silu else "conv", dtype, reverse, (2, 130, 20),
-                   lambda *a, silu=silu: check_conv(*a, silu=silu))
-                  for dtype, reverse, silu in itertools.product((torch.float32, torch.bfloat16), (False, True),
-                                                                (False, True))]
+        cases += conv_cases((2, 130, 20))
     if only is not None:
         cases = [case for case in cases if case[0] == only]
         if not cases:

@@ -35,32 +35,34 @@ PTX = tl.constexpr(not INTERPRET)
 
 # Time is cut into segments when fewer than ``cut_below`` (batch, channel block) programs would run, into as many as
 # make about ``programs`` programs; the forward's cut costs a second pass over the exps, the backward's does not.
-# U: steps per prefetched block; depth: blocks loaded ahead. mufu: softplus' log2 and the sigmoid's reciprocal as
+# U: steps per prefetched block; depth: blocks copied ahead. mufu: softplus' log2 and the sigmoid's reciprocal as
 # single MUFU instructions instead of FMA-pipe sequences. From ``busy`` forward programs on (several warps per SM
-# sub-partition) other warps hide the loads' latency and the fewest registers win (depth 1); with fewer programs (about
-# one warp per sub-partition) each warp must hide it itself: depth 3 ("_idle" keys). The backward holds no prefetched
-# blocks (its registers are at the cap); instead it asks L2 for the rows ``prefetch`` pieces ahead of their loads.
+# sub-partition) other warps share the hiding of the loads' latency (depth 3); with fewer programs (about one warp per
+# sub-partition) each warp must hide it itself: depth 5 ("_idle" keys). The backward's registers are at the cap; it
+# copies the rows ``prefetch`` pieces ahead into the ring (without it: asks L2 for them that far ahead).
 # BD channels per program, NV states per thread (a warp holds BD * N / NV lanes' worth); in one time segment with
-# fewer than ``busy`` programs the forward takes the "_idle" tiles (4 lanes per channel: twice the warps to hide
-# latency). pred_store: the forward's state store before each block predicated within its assembly rather than under
-# a branch, so that the loop body is one basic block for ptxas to schedule. group: the per-channel work of G steps
+# fewer than ``busy`` programs the forward takes the "_idle" tiles: now the same as the others (BD_idle 8, NV_idle 4,
+# twice the warps, won while the blocks were held in registers; with the ring they lose 6% at 16 x 131k).
+# pred_store: the forward's state store before each block predicated within its assembly rather than under a branch,
+# so that the loop body is one basic block for ptxas to schedule. group: the per-channel work of G steps
 # (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group). smem_sums: the backward's
 # dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM:
 # 5% faster backward on the H200).
 # ring (both directions): the rows copied ahead into a ring in shared memory (cp.async) and read from there, instead of
 # loaded into registers ``depth`` blocks ahead (forward) or from L2 when due (backward's adjoint walk, ``prefetch``
-# pieces ahead); bf16/fp16 rows, 16-byte aligned, the lanes layout; see _ring_copy. ring_adj: with ring, the
-# backward's adjoint-only pass (time segments) too: it holds few registers, so other warps may hide its loads anyway.
+# pieces ahead); bf16/fp16 rows, 16-byte aligned, the lanes layout, channels a multiple of BD (not d_model 118's 236:
+# those take the plain loads; without the ring, depths 3 and 5 held in registers cost 4.7x at 16 x 131k); see
+# _ring_copy. ring_adj: with ring, the backward's adjoint-only pass (time segments) too (2% at 16 x 131k).
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
 # chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps: at 64 half the
 # bytes of a bf16 (b, l, d) tensor); the backward recomputes a chunk's chunk / SUB piece states into a scratch meant to
 # stay in L2 (16 KB per program at 64; at 256 the resident programs' 68 MB overflowed the 50 MB L2: 1-2% slower).
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
-              "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
-              "group": True, "ring": False}
+              "depth": 3, "U_idle": 4, "depth_idle": 5, "BD_idle": 16, "NV_idle": 8, "mufu": True, "pred_store": True,
+              "group": True, "ring": True}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
-              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64, "ring": False, "ring_adj": False}
+              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64, "ring": True, "ring_adj": True}
 
 
 @triton.jit

@@ -100,20 +100,28 @@ def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n
     return row
 
 
-# Changes from the default configuration (the empty entry): the per-channel work shared among a channel's lanes
-# (group), the branch-free loop body (pred_store), the tiles of programs that run in one time segment with about one
-# warp per SM sub-partition (BD_idle, NV_idle: 4 states per lane and twice the warps, or 8 states per lane), and the
-# prefetch depths. The third entry is the configuration before 2026-12-07.
+# Changes from the default configuration (the empty entry): the configuration before the ring (2026-12-07, sixth
+# session), the one before 2026-12-07 (no per-channel work shared among a channel's lanes, a branch around the state
+# store), the same depths and tiles with rows prefetched into registers instead of the shared-memory ring, each switch
+# alone (group, pred_store, MUFU), other prefetch depths, and the "_idle" tiles of 4 states per lane (twice the warps).
 SWEEP_FWD = [{},
-             {"BD_idle": 16, "NV_idle": 8},
-             {"group": False, "pred_store": False, "BD_idle": 16, "NV_idle": 8},
+             {"ring": False, "depth": 1, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4},
+             {"ring": False, "depth": 1, "depth_idle": 3, "group": False, "pred_store": False},
+             {"ring": False},
              {"group": False},
              {"pred_store": False},
-             {"depth_idle": 2},
+             {"mufu": False},
              {"depth": 2},
-             {"mufu": False}]
+             {"depth": 4},
+             {"depth_idle": 4},
+             {"BD_idle": 8, "NV_idle": 4}]
+# The backward: before the ring, the ring for the adjoint walk only (not the adjoint-only pass of time segments), other
+# prefetch distances, programs, pieces of 2 steps, no time segments, the channel sums by shuffles, register caps, states
+# saved every 128 or 256 steps.
 SWEEP_BWD = [{},
-             {"prefetch": 0},
+             {"ring": False, "ring_adj": False},
+             {"ring_adj": False},
+             {"prefetch": 1},
              {"prefetch": 4},
              {"programs": 2048},
              {"SUB": 2},
@@ -121,7 +129,6 @@ SWEEP_BWD = [{},
              {"smem_sums": False},
              {"maxnreg": 168},
              {"SUB": 2, "maxnreg": 168, "prefetch": 4},
-             {"SUB": 2, "maxnreg": 128, "prefetch": 4},
              {"chunk": 128},
              {"chunk": 256}]
 

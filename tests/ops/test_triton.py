@@ -42,7 +42,7 @@ def test_registered_for_cuda() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
 # (32, 300, 256) has enough (batch, channel block) programs to run in one time segment (with the forward's "_idle"
-# tiles: 4 lanes per channel); (64, 40, 512) has enough to take scan.FWD_CONFIG's "busy" settings; the others have
+# settings); (64, 40, 512) has enough to take scan.FWD_CONFIG's "busy" settings; the others have
 # few and are cut into time segments where long enough.
 @pytest.mark.parametrize(("batch", "length", "dim"), [(1, 1, 236), (3, 300, 236), (2, 513, 512), (32, 300, 256),
                                                       (64, 40, 512)])
@@ -52,10 +52,13 @@ def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
 
 
 # Forward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the configuration before
-# 2026-12-07 (no sharing of per-channel work, a branch around the state store, 8 states per lane in one segment), the
-# shared work with 8 states per lane in one segment (two lanes per channel instead of four), and each switch alone.
-@pytest.mark.parametrize("config", [{"group": False, "pred_store": False, "BD_idle": 16, "NV_idle": 8},
-                                    {"BD_idle": 16, "NV_idle": 8}, {"group": False}, {"pred_store": False}])
+# the shared-memory ring (rows prefetched into registers, 4 states per lane in one segment), the one before 2026-12-07
+# (no sharing of per-channel work, a branch around the state store), the default's depths and tiles without the ring,
+# each switch alone, and the "_idle" tiles of 4 states per lane with the ring.
+@pytest.mark.parametrize("config", [{"ring": False, "depth": 1, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4},
+                                    {"ring": False, "depth": 1, "depth_idle": 3, "group": False, "pred_store": False},
+                                    {"ring": False}, {"group": False}, {"pred_store": False},
+                                    {"depth": 1, "depth_idle": 3}, {"BD_idle": 8, "NV_idle": 4}])
 @pytest.mark.parametrize(("dtype", "reverse"), [(torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize(("batch", "length", "dim"), [(3, 300, 236), (2, 513, 512), (64, 40, 512), (32, 300, 256)])
 def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, dim, monkeypatch) -> None:
@@ -67,9 +70,12 @@ def test_selective_scan_forward_settings(config, dtype, reverse, batch, length, 
 # Backward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the dB/dC channel sums
 # by the shuffle butterfly (it needs the bf16 B/C layout these shapes give), no L2 prefetch, a register cap (spills),
 # pieces of 2 steps under the same cap (no spills in the loops; prefetch 4 pieces: the same 8 steps ahead), states
-# saved every 256 steps (64 by default).
+# saved every 256 steps (64 by default), no shared-memory ring (rows from L2, prefetched 2 pieces ahead), the ring for
+# the adjoint walk only, and the ring's copies 1 and 4 pieces ahead.
 @pytest.mark.parametrize("config", [{"smem_sums": False}, {"prefetch": 0}, {"maxnreg": 168},
-                                    {"SUB": 2, "maxnreg": 168, "prefetch": 4}, {"chunk": 256}])
+                                    {"SUB": 2, "maxnreg": 168, "prefetch": 4}, {"chunk": 256},
+                                    {"ring": False, "ring_adj": False}, {"ring_adj": False}, {"prefetch": 1},
+                                    {"prefetch": 4}])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("batch", "length", "dim"), [(2, 513, 512), (32, 300, 256)])
 def test_selective_scan_backward_settings(config, reverse, batch, length, dim, monkeypatch) -> None:

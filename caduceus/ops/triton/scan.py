@@ -35,28 +35,34 @@ PTX = tl.constexpr(not INTERPRET)
 
 # Time is cut into segments when fewer than ``cut_below`` (batch, channel block) programs would run, into as many as
 # make about ``programs`` programs; the forward's cut costs a second pass over the exps, the backward's does not.
-# U: steps per prefetched block; depth: blocks loaded ahead. mufu: softplus' log2 and the sigmoid's reciprocal as
+# U: steps per prefetched block; depth: blocks copied ahead. mufu: softplus' log2 and the sigmoid's reciprocal as
 # single MUFU instructions instead of FMA-pipe sequences. From ``busy`` forward programs on (several warps per SM
-# sub-partition) other warps hide the loads' latency and the fewest registers win (depth 1); with fewer programs (about
-# one warp per sub-partition) each warp must hide it itself: depth 3 ("_idle" keys). The backward holds no prefetched
-# blocks (its registers are at the cap); instead it asks L2 for the rows ``prefetch`` pieces ahead of their loads.
+# sub-partition) other warps share the hiding of the loads' latency (depth 3); with fewer programs (about one warp per
+# sub-partition) each warp must hide it itself: depth 5 ("_idle" keys). The backward's registers are at the cap; it
+# copies the rows ``prefetch`` pieces ahead into the ring (without it: asks L2 for them that far ahead).
 # BD channels per program, NV states per thread (a warp holds BD * N / NV lanes' worth); in one time segment with
-# fewer than ``busy`` programs the forward takes the "_idle" tiles (4 lanes per channel: twice the warps to hide
-# latency). pred_store: the forward's state store before each block predicated within its assembly rather than under
-# a branch, so that the loop body is one basic block for ptxas to schedule. group: the per-channel work of G steps
+# fewer than ``busy`` programs the forward takes the "_idle" tiles: now the same as the others (BD_idle 8, NV_idle 4,
+# twice the warps, won while the blocks were held in registers; with the ring they lose 6% at 16 x 131k).
+# pred_store: the forward's state store before each block predicated within its assembly rather than under a branch,
+# so that the loop body is one basic block for ptxas to schedule. group: the per-channel work of G steps
 # (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group). smem_sums: the backward's
 # dB/dC sums over a block's channels through shared memory rather than a shuffle butterfly (_SUM_CHANNELS_SMEM_ASM:
 # 5% faster backward on the H200).
+# ring (both directions): the rows copied ahead into a ring in shared memory (cp.async) and read from there, instead of
+# loaded into registers ``depth`` blocks ahead (forward) or from L2 when due (backward's adjoint walk, ``prefetch``
+# pieces ahead); bf16/fp16 rows, 16-byte aligned, the lanes layout, channels a multiple of BD (not d_model 118's 236:
+# those take the plain loads; without the ring, depths 3 and 5 held in registers cost 4.7x at 16 x 131k); see
+# _ring_copy. ring_adj: with ring, the backward's adjoint-only pass (time segments) too (2% at 16 x 131k).
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
 # chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps: at 64 half the
 # bytes of a bf16 (b, l, d) tensor); the backward recomputes a chunk's chunk / SUB piece states into a scratch meant to
 # stay in L2 (16 KB per program at 64; at 256 the resident programs' 68 MB overflowed the 50 MB L2: 1-2% slower).
 # See BENCHMARKS.md, GPU (H100, H200).
 FWD_CONFIG = {"BD": 16, "NV": 8, "num_warps": 1, "cut_below": 512, "programs": 4096, "busy": 2048, "U": 4,
-              "depth": 1, "U_idle": 4, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4, "mufu": True, "pred_store": True,
-              "group": True}
+              "depth": 3, "U_idle": 4, "depth_idle": 5, "BD_idle": 16, "NV_idle": 8, "mufu": True, "pred_store": True,
+              "group": True, "ring": True}
 BWD_CONFIG = {"BD": 16, "NV": 8, "SUB": 4, "num_warps": 1, "cut_below": 2048, "programs": 4096, "mufu": True,
-              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64}
+              "prefetch": 2, "smem_sums": True, "maxnreg": None, "chunk": 64, "ring": True, "ring_adj": True}
 
 
 @triton.jit
@@ -155,6 +161,138 @@ def _prefetch(lanes, i0, L, ROWS: tl.constexpr, REVERSE: tl.constexpr):
         tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $2, 0;\n@p prefetch.global.L2 [$1];\n"
                                   "mov.b32 $0, 0;\n}", "=r,l,r", [base + t.to(tl.int64) * stride, on],
                                   dtype=tl.int32, is_pure=False, pack=1)
+
+
+# The ring of rows copied ahead (FWD_CONFIG["ring"], BWD_CONFIG["ring"]): a buffer in shared memory that the inline
+# assembly declares itself (Triton's own shared memory is not addressable from it), in slots of one block's or piece's
+# rows, one more slot than blocks or pieces in flight.
+_RING_BYTES = 4096
+RING_BYTES = tl.constexpr(_RING_BYTES)
+_RING_ASM: tl.constexpr = tl.constexpr("{\n.shared .align 16 .b8 ring[" + str(_RING_BYTES) + "];\nmov.u32 $0, ring;\n}")
+
+
+@triton.jit
+def _ring_alloc():
+    """Shared-window address of the ring. One element per lane, so that the declaration is emitted once per
+    thread; every thread gets the same address. Under the interpreter: the program's byte offset into the
+    ``ring_ptr`` buffer that stands in for shared memory."""
+    if PTX:
+        lane = tl.arange(0, 32)
+        addr = tl.inline_asm_elementwise(_RING_ASM, "=r,r", [lane], dtype=tl.int32, is_pure=False, pack=1)
+        return tl.max(addr, axis=0)
+    else:
+        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        return pid * RING_BYTES
+
+
+@triton.jit
+def _ring_lanes(ptrs, s_bs, s_ls, firsts, pid_b, STEPS: tl.constexpr, ARRAYS: tl.constexpr, NARROW: tl.constexpr):
+    """The copy lanes of _ring_copy for the first ARRAYS of ``ptrs`` (rows of 32 bytes from element firsts[k], as two
+    halves: _prefetch_lanes with firsts[k] + 8 as the second element) and which of them copy: the second half of a
+    row only where NARROW[k] is false (rows of 16 bytes, such as 8 channels)."""
+    seconds = ()
+    for k in tl.static_range(len(firsts)):
+        seconds = seconds + (firsts[k] + 8,)
+    lanes = _prefetch_lanes(ptrs, s_bs, s_ls, firsts, seconds, pid_b, STEPS)
+    e = tl.arange(0, 16 * STEPS)
+    k_of = (e // (2 * STEPS)) % len(ptrs)
+    half = (e % 2) == 1
+    on = e < 2 * STEPS * ARRAYS
+    for k in tl.static_range(len(ptrs)):
+        if NARROW[k]:
+            on = on & ~((k_of == k) & half)
+    return lanes, on.to(tl.int32)
+
+
+@triton.jit
+def _ring_copy(lanes, ring, i0, L, on, REVERSE: tl.constexpr, ring_ptr):
+    """cp.async the rows of ``lanes`` (_prefetch_lanes with the halves of each 32-byte row as its two elements) whose
+    lanes are ``on`` (int32) at walk steps i0 .. i0+STEPS-1, clamped to the sequence, into the ring slot at ``ring``:
+    lane e's 16 bytes go to ring + 16 e, so row k * STEPS + j lands at 32 (k * STEPS + j). Then commits them as one
+    group (an empty one too: the wait in _ring_wait counts groups). Under the interpreter: copied into ring_ptr
+    (int16)."""
+    base, stride, j = lanes
+    t = tl.minimum(tl.maximum(i0 + j, 0), L - 1)
+    if REVERSE:
+        t = L - 1 - t
+    e = tl.arange(0, base.shape[0])
+    src = base + t.to(tl.int64) * stride
+    if PTX:
+        tl.inline_asm_elementwise("{\n.reg .pred p;\nsetp.ne.s32 p, $3, 0;\n"
+                                  "@p cp.async.cg.shared.global [$2], [$1], 16;\nmov.b32 $0, 0;\n}", "=r,l,r,r",
+                                  [src, ring + 16 * e, on], dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise("cp.async.commit_group;\nmov.b32 $0, 0;", "=r,r", [tl.arange(0, 32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        words = tl.arange(0, 8)[None, :]
+        ok = (on != 0)[:, None]
+        values = tl.load(src.to(tl.pointer_type(tl.int16), bitcast=True)[:, None] + words, mask=ok)
+        tl.store(ring_ptr + ((ring + 16 * e) // 2)[:, None] + words, values, mask=ok)
+
+
+# _RING_WAIT_ASM[k]: wait until at most k copy groups are in flight (cp.async.wait_group takes k as an immediate).
+_RING_WAIT_ASM = tl.constexpr(tuple(f"cp.async.wait_group {n};\nbar.warp.sync -1;\nsub.s32 $0, $1, $1;"
+                                    for n in range(5)))
+
+
+@triton.jit
+def _ring_wait(PF: tl.constexpr, x):
+    """Wait until at most PF - 1 copy groups are in flight (the oldest, the piece about to be read, has landed) and
+    make every lane's copies visible to the warp. Returns 0, computed by the waiting assembly from ``x`` (any int32
+    tile): added to the ring addresses it keeps the reads (pure, so that each value is read once per thread) after
+    the wait."""
+    if PTX:
+        tl.static_assert((PF >= 1) and (PF <= 5))
+        w = tl.inline_asm_elementwise(_RING_WAIT_ASM[PF - 1], "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        w = x * 0
+    return tl.min(w, axis=0)
+
+
+@triton.jit
+def _ring_drain():
+    """Wait for every copy still in flight (those of the pieces past the walk's end): none may land in the shared
+    memory of a program that runs on the SM after this one."""
+    if PTX:
+        tl.inline_asm_elementwise("cp.async.wait_all;\nmov.b32 $0, 0;", "=r,r", [tl.arange(0, 32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _ring_rows(ring, k: tl.constexpr, offs, ptr, U: tl.constexpr, VEC: tl.constexpr, ring_ptr):
+    """Rows k * U .. k * U + U-1 of the ring slot at ``ring`` (32 bytes each, copied from ``ptr``'s array) as U
+    tiles of byte offsets ``offs`` within a row: 2-byte values one by one, or with VEC = 8 or 4 runs of VEC (an
+    (NV, NH, BD) tile of B or C) as one read from the address of the run's first element."""
+    rows = ()
+    for j in tl.static_range(U):
+        at = ring + 32 * (k * U + j) + offs
+        if not PTX:
+            rows = rows + (tl.load(ring_ptr + at // 2).to(ptr.dtype.element_ty, bitcast=True),)
+        elif VEC == 8:
+            rows = rows + (tl.inline_asm_elementwise("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
+                                                     "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [at],
+                                                     dtype=ptr.dtype.element_ty, is_pure=True, pack=8),)
+        elif VEC == 4:
+            rows = rows + (tl.inline_asm_elementwise("ld.shared.v2.b32 {$0, $1}, [$2];", "=r,=r,r,r,r,r", [at],
+                                                     dtype=ptr.dtype.element_ty, is_pure=True, pack=4),)
+        else:
+            rows = rows + (tl.inline_asm_elementwise("ld.shared.b16 $0, [$1];", "=h,r", [at],
+                                                     dtype=ptr.dtype.element_ty, is_pure=True, pack=1),)
+    return rows
+
+
+@triton.jit
+def _ring_read(ring, ptrs, STATES: tl.constexpr, ring_d, offs_bc, U: tl.constexpr, NV: tl.constexpr, ring_ptr):
+    """The U rows of each array of ``ptrs`` (array k in rows k * U ..) from the ring slot at ``ring``: channel rows
+    at the byte offsets ``ring_d``, rows over the states (STATES[k]: B, C) as (NV, NH, BD) tiles. Rows that were not
+    copied (z without a gate) read garbage that nothing uses."""
+    out = ()
+    for k in tl.static_range(len(ptrs)):
+        if STATES[k]:
+            out = out + (_ring_rows(ring, k, offs_bc * 2, ptrs[k], U, NV, ring_ptr),)
+        else:
+            out = out + (_ring_rows(ring, k, ring_d, ptrs[k], U, 0, ring_ptr),)
+    return out
 
 
 @triton.jit
@@ -395,13 +533,13 @@ def _fwd_steps(h, dt_sum, blk, i0, end, A2, Dv, bias, out_ptr, o_row, o_step, of
 @triton.jit(do_not_specialize=["one", "save"])
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr, seg_state_ptr, seg_dt_ptr,
-    L, DIM, SEG, one, save,
+    ring_ptr, L, DIM, SEG, one, save,
     s_ub, s_ul: tl.constexpr, s_tb, s_tl: tl.constexpr, s_zb, s_zl: tl.constexpr, s_Bb, s_Bl: tl.constexpr, s_Cb,
     s_Cl: tl.constexpr, s_ob, s_ol: tl.constexpr,
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, U: tl.constexpr, DEPTH: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, LANES: tl.constexpr, PRED_STORE: tl.constexpr, GROUP: tl.constexpr,
+    COLS: tl.constexpr, LANES: tl.constexpr, PRED_STORE: tl.constexpr, GROUP: tl.constexpr, RING: tl.constexpr,
 ):
     """out = scan(...) for one (batch row, channel block, segment of SEG walk steps); if ``save``, states[b, c] =
     the state before walk step c*CHUNK. With several segments the scan runs twice: first ``STATE_ONLY``, each
@@ -434,28 +572,58 @@ def _scan_fwd_kernel(
         h = tl.zeros([NV, N // NV, BD], tl.float32)
     dt_sum = tl.zeros([GROUP, BD], tl.float32) if GROUP > 1 else tl.zeros([BD], tl.float32)
     o_step = -s_ol if REVERSE else s_ol
-    # Blocks of U steps, each loaded DEPTH blocks ahead of its use, in a ring of DEPTH blocks (a shifting queue would
-    # cost register moves). The main loop runs DEPTH full blocks an iteration, without masks, as long as the blocks
-    # it loads are full too.
-    ahead = ()
-    for k in tl.static_range(DEPTH):
-        ahead = ahead + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, start + k * U, L, end, offs_d, offs_bc,
-                                     cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
-                                     HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, True),)
-    i_rest = start + tl.maximum((end - start) // (DEPTH * U) - 1, 0) * (DEPTH * U)
-    for i in range(start, i_rest, DEPTH * U):
-        for k in tl.static_range(DEPTH):
-            i0 = i + k * U
+    if RING:
+        # Blocks of U steps copied DEPTH blocks ahead into a ring of DEPTH + 1 slots in shared memory (cp.async, see
+        # _ring_copy; rows u, dt, B, C, z) and read from there when due: no registers held for blocks in flight.
+        # The main loop runs one full block an iteration, the rest is left to the masked loop below.
+        SLOT: tl.constexpr = 5 * U * 32
+        tl.static_assert((DEPTH + 1) * SLOT <= RING_BYTES)
+        ring = _ring_alloc()
+        first_d = tl.program_id(1) * BD
+        narrow: tl.constexpr = BD == 8  # channel rows of 16 bytes; B and C rows are 32
+        lanes, on = _ring_lanes((u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr), (s_ub, s_tb, s_Bb, s_Cb, s_zb),
+                                (s_ul, s_tl, s_Bl, s_Cl, s_zl), (first_d, first_d, 0, 0, first_d), pid_b, U,
+                                3 if STATE_ONLY else (5 if HAS_Z else 4), (narrow, narrow, False, False, narrow))
+        ring_d = (offs_d % BD) * 2
+        for b in tl.static_range(DEPTH):
+            _ring_copy(lanes, ring + b * SLOT, start + b * U, L, on, REVERSE, ring_ptr)
+        i_rest = start + ((end - start) // U) * U
+        for i0 in range(start, i_rest, U):
+            blk_i = (i0 - start) // U
+            slot = ring + (blk_i % (DEPTH + 1)) * SLOT + _ring_wait(DEPTH, ring_d)
+            _ring_copy(lanes, ring + ((blk_i + DEPTH) % (DEPTH + 1)) * SLOT, i0 + DEPTH * U, L, on, REVERSE,
+                       ring_ptr)
+            us, dts, Bs, Cs, zs = _ring_read(slot, (u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr),
+                                             (False, False, True, True, False), ring_d, offs_bc, U, NV, ring_ptr)
             _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
-            h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
+            h, dt_sum = _fwd_steps(h, dt_sum, (us, dts, zs, Bs, Cs), i0, end, A2, Dv, bias, out_ptr,
                                    _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U, HAS_Z,
                                    SOFTPLUS, STATE_ONLY, MUFU, COLS, False, GROUP)
-            # Refill the slot just used, after its block: into registers free from here on, the loads issue while the
-            # next DEPTH - 1 blocks compute (the store before the next block keeps ptxas from sinking them further).
-            ahead = ahead[:k] + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0 + DEPTH * U, L, end, offs_d,
-                                             offs_bc, cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
-                                             HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, False),) \
-                + ahead[k + 1:]
+        _ring_drain()
+    else:
+        # Blocks of U steps, each loaded DEPTH blocks ahead of its use, in a ring of DEPTH blocks in registers (a
+        # shifting queue would cost register moves). The main loop runs DEPTH full blocks an iteration, without masks,
+        # as long as the blocks it loads are full too.
+        ahead = ()
+        for k in tl.static_range(DEPTH):
+            ahead = ahead + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, start + k * U, L, end, offs_d,
+                                         offs_bc, cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl,
+                                         HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE, U, COLS, True),)
+        i_rest = start + tl.maximum((end - start) // (DEPTH * U) - 1, 0) * (DEPTH * U)
+        for i in range(start, i_rest, DEPTH * U):
+            for k in tl.static_range(DEPTH):
+                i0 = i + k * U
+                _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
+                h, dt_sum = _fwd_steps(h, dt_sum, ahead[k], i0, end, A2, Dv, bias, out_ptr,
+                                       _walk(pid_b, i0, L, s_ob, s_ol, REVERSE), o_step, offs_d, offs_dh, cols, U,
+                                       HAS_Z, SOFTPLUS, STATE_ONLY, MUFU, COLS, False, GROUP)
+                # Refill the slot just used, after its block: into registers free from here on, the loads issue while
+                # the next DEPTH - 1 blocks compute (the store before the next block keeps ptxas from sinking them
+                # further).
+                ahead = ahead[:k] + (_load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0 + DEPTH * U, L, end,
+                                                 offs_d, offs_bc, cols, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb,
+                                                 s_Bl, s_Cb, s_Cl, HAS_Z and not STATE_ONLY, not STATE_ONLY, REVERSE,
+                                                 U, COLS, False),) + ahead[k + 1:]
     # What is left (fewer than 2 * DEPTH blocks, the last one possibly partial, possibly none), loaded again with
     # masks: values carried out of the loop would be laid out for both uses and loaded twice. A loop rather than
     # 2 * DEPTH unrolled blocks: Triton's coalescing pass takes time superlinear in the number of loads.
@@ -544,19 +712,26 @@ def _store_channel_sums(ptrs, dB, dC, flags, SMEM: tl.constexpr):
 
 @triton.jit
 def _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb, s_gl, s_zb, s_zl,
-               s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB: tl.constexpr, HAS_Z: tl.constexpr,
+               s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, NV: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr,
                SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr,
-               MASKED: tl.constexpr):
-    """dh <- a_t * (dh + g_t C_t) back over walk steps i0+SUB-1..i0; needs neither the states nor u and B."""
-    sgn = -1 if REVERSE else 1
-    dts = _rows(dt_ptr, _walk(pid_b, i0, L, s_tb, s_tl, REVERSE), sgn * s_tl, i0, L, offs_d, cols, SUB, COLS, MASKED)
-    gs = _rows(dout_ptr, _walk(pid_b, i0, L, s_gb, s_gl, REVERSE), sgn * s_gl, i0, L, offs_d, cols, SUB, COLS,
-               MASKED)
-    Cs = _rows(C_ptr, _walk(pid_b, i0, L, s_Cb, s_Cl, REVERSE), sgn * s_Cl, i0, L, offs_bc, cols, SUB, False, MASKED)
-    zs = gs
-    if HAS_Z:
-        zs = _rows(z_ptr, _walk(pid_b, i0, L, s_zb, s_zl, REVERSE), sgn * s_zl, i0, L, offs_d, cols, SUB, COLS,
+               MASKED: tl.constexpr, ring, ring_d, ring_ptr, RING: tl.constexpr):
+    """dh <- a_t * (dh + g_t C_t) back over walk steps i0+SUB-1..i0; needs neither the states nor u and B. With RING
+    (and not MASKED) the rows come from the ring slot at ``ring`` (dt, dout, C, z; see _bwd_piece)."""
+    if RING and not MASKED:
+        dts, gs, Cs, zs = _ring_read(ring, (dt_ptr, dout_ptr, C_ptr, z_ptr), (False, False, True, False), ring_d,
+                                     offs_bc, SUB, NV, ring_ptr)
+    else:
+        sgn = -1 if REVERSE else 1
+        dts = _rows(dt_ptr, _walk(pid_b, i0, L, s_tb, s_tl, REVERSE), sgn * s_tl, i0, L, offs_d, cols, SUB, COLS,
+                    MASKED)
+        gs = _rows(dout_ptr, _walk(pid_b, i0, L, s_gb, s_gl, REVERSE), sgn * s_gl, i0, L, offs_d, cols, SUB, COLS,
                    MASKED)
+        Cs = _rows(C_ptr, _walk(pid_b, i0, L, s_Cb, s_Cl, REVERSE), sgn * s_Cl, i0, L, offs_bc, cols, SUB, False,
+                   MASKED)
+        zs = gs
+        if HAS_Z:
+            zs = _rows(z_ptr, _walk(pid_b, i0, L, s_zb, s_zl, REVERSE), sgn * s_zl, i0, L, offs_d, cols, SUB, COLS,
+                       MASKED)
     for j in tl.static_range(SUB - 1, -1, -1):
         dt = _dt(dts[j].to(tl.float32), bias, i0 + j < L, SOFTPLUS, MUFU, MASKED)
         g = _gate(gs[j].to(tl.float32), zs[j].to(tl.float32), HAS_Z, MUFU)
@@ -584,17 +759,25 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
                u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr,
                s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_gb, s_gl,
                offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias,
-               N: tl.constexpr, NV: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-               REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr,
-               SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr):
+               N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, HAS_Z: tl.constexpr,
+               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, MUFU: tl.constexpr, COLS: tl.constexpr,
+               MASKED: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, ring, ring_d, ring_ptr,
+               RING: tl.constexpr):
     """Walk steps i0+SUB-1..i0 backwards from the state ``h`` before i0: the piece's states and decays into
-    registers, then the adjoint step by step, writing du, ddt, dz and the channel block's dB/dC rows."""
-    us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
-                                      s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z, True,
-                                      REVERSE, SUB, COLS, MASKED)
+    registers, then the adjoint step by step, writing du, ddt, dz and the channel block's dB/dC rows. With RING (and
+    not MASKED) the rows come from the ring slot at ``ring`` (see _ring_copy: u, dt, B, dout, C, z); ``ring_d``: each
+    channel's byte offset within a row, in the layout of the per-channel values."""
     g_row = _walk(pid_b, i0, L, s_gb, s_gl, REVERSE)
     g_step = -s_gl if REVERSE else s_gl
-    gs = _rows(dout_ptr, g_row, g_step, i0, L, offs_d, cols, SUB, COLS, MASKED)
+    if RING and not MASKED:
+        us, dts, Bs, gs, Cs, zs = _ring_read(ring, (u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr),
+                                             (False, False, True, False, True, False), ring_d, offs_bc, SUB, NV,
+                                             ring_ptr)
+    else:
+        us, dts, zs, Bs, Cs = _load_block(u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, pid_b, i0, L, L, offs_d, offs_bc, cols,
+                                          s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, HAS_Z, True,
+                                          REVERSE, SUB, COLS, MASKED)
+        gs = _rows(dout_ptr, g_row, g_step, i0, L, offs_d, cols, SUB, COLS, MASKED)
     hs = (h,)
     decays = ()
     steps = ()
@@ -646,14 +829,14 @@ def _bwd_piece(dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row,
 @triton.jit(do_not_specialize=["one"])
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
-    seg_adj_ptr, seg_dt_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dBC_ptr,
+    seg_adj_ptr, seg_dt_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dBC_ptr, ring_ptr,
     L, DIM, SEG, one,
     s_ub, s_ul: tl.constexpr, s_tb, s_tl: tl.constexpr, s_zb, s_zl: tl.constexpr, s_Bb, s_Bl: tl.constexpr, s_Cb,
     s_Cl: tl.constexpr, s_gb, s_gl: tl.constexpr,
     N: tl.constexpr, NV: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ADJ_ONLY: tl.constexpr, HAS_INIT: tl.constexpr, MUFU: tl.constexpr,
-    COLS: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, PF: tl.constexpr,
+    COLS: tl.constexpr, SHFL: tl.constexpr, SMEM_SUMS: tl.constexpr, PF: tl.constexpr, RING: tl.constexpr,
 ):
     """Gradients for one (batch row, channel block, segment of SEG walk steps, a multiple of CHUNK). du, ddt, dz share
     dout's (b, l, d) strides; the dB and dC partials are (b, channel block, l, 2N) (dB then dC); dA (b, segment, d,
@@ -686,23 +869,52 @@ def _scan_bwd_kernel(
         dh = tl.zeros([NV, N // NV, BD], tl.float32)
     first_d = pid_d * BD
     last_d = first_d + BD - 1
+    # RING: the adjoint walks' rows (both passes) are copied PF pieces ahead into a ring of PF + 1 slots in shared
+    # memory (cp.async; see _ring_copy) instead of only asked of L2: piece q of a walk (q = last - i0 // SUB) is read
+    # from slot q % (PF + 1). The first PF pieces' copies go out before the walk (in the main pass, to land during the
+    # first recompute walk).
+    ring = 0
+    ring_d = tl.arange(0, BD)
+    if RING:
+        tl.static_assert(PF >= 1)
+        tl.static_assert((BD == 16) and (N == 16))
+        ring = _ring_alloc()
+        # Reduced from an (NV, NH, BD) tile, so that the reads from the ring come out in the layout the per-channel
+        # values are used in (their inline assembly cannot be recomputed in another layout, as loads are).
+        ring_d = tl.max(tl.max(_bc(tl.arange(0, BD) * 2) + offs_n * 0, axis=0), axis=0)
     if ADJ_ONLY:
         dt_sum = tl.zeros([BD], tl.float32)
         n_sub = tl.cdiv(end - start, SUB)
         pf = _prefetch_lanes((dt_ptr, dout_ptr, C_ptr, z_ptr), (s_tb, s_gb, s_Cb, s_zb), (s_tl, s_gl, s_Cl, s_zl),
                              (first_d, first_d, 0, first_d), (last_d, last_d, N - 1, last_d), pid_b, SUB)
+        SLOT_ADJ: tl.constexpr = 4 * SUB * 32
+        if RING:
+            tl.static_assert((PF + 1) * SLOT_ADJ <= RING_BYTES)
+            cp, cp_on = _ring_lanes((dt_ptr, dout_ptr, C_ptr, z_ptr), (s_tb, s_gb, s_Cb, s_zb),
+                                    (s_tl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d), pid_b, SUB, 3 + HAS_Z,
+                                    (False,) * 4)
+            for ahead in tl.static_range(PF):
+                _ring_copy(cp, ring + ahead * SLOT_ADJ, start + (n_sub - 1 - ahead) * SUB, L, cp_on, REVERSE,
+                           ring_ptr)
         for s_rev in range(n_sub):
             i0 = start + (n_sub - 1 - s_rev) * SUB
-            if PF > 0:
+            slot = ring
+            if RING:
+                slot = ring + (s_rev % (PF + 1)) * SLOT_ADJ + _ring_wait(PF, ring_d)
+                _ring_copy(cp, ring + ((s_rev + PF) % (PF + 1)) * SLOT_ADJ, i0 - PF * SUB, L, cp_on, REVERSE,
+                           ring_ptr)
+            elif PF > 0:
                 _prefetch(pf, i0 - PF * SUB, L, (3 + HAS_Z) * SUB, REVERSE)
             if i0 + SUB <= L:
                 dh, dt_sum = _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb,
-                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB, HAS_Z,
-                                        SOFTPLUS, REVERSE, MUFU, COLS, False)
+                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, NV, SUB, HAS_Z,
+                                        SOFTPLUS, REVERSE, MUFU, COLS, False, slot, ring_d, ring_ptr, RING)
             else:
                 dh, dt_sum = _adj_piece(dh, dt_sum, pid_b, i0, L, dt_ptr, dout_ptr, z_ptr, C_ptr, s_tb, s_tl, s_gb,
-                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, SUB, HAS_Z,
-                                        SOFTPLUS, REVERSE, MUFU, COLS, True)
+                                        s_gl, s_zb, s_zl, s_Cb, s_Cl, offs_d, offs_bc, cols, bias, A2, NV, SUB, HAS_Z,
+                                        SOFTPLUS, REVERSE, MUFU, COLS, True, slot, ring_d, ring_ptr, RING)
+        if RING:
+            _ring_drain()
         tl.store(seg_adj, dh, mask=mask_dn)
         tl.store(seg_dt_ptr + seg * DIM + offs_d, dt_sum, mask=cols)
     else:
@@ -731,6 +943,18 @@ def _scan_bwd_kernel(
                              (last_d, last_d, N - 1, last_d, N - 1, last_d), pid_b, SUB)
         c_first = start // CHUNK
         n_seg_chunks = tl.cdiv(end - start, CHUNK)
+        # With RING the adjoint walk's rows are copied PF pieces ahead into a ring of PF + 1 slots in shared memory
+        # (cp.async; see _ring_copy) instead of only asked of L2: piece q of the walk (q = last - i0 // SUB) is read
+        # from slot q % (PF + 1). The first PF pieces' copies go out now, to land during the first recompute walk.
+        SLOT: tl.constexpr = 6 * SUB * 32
+        p_last = (end - 1) // SUB
+        if RING:
+            tl.static_assert((PF + 1) * SLOT <= RING_BYTES)
+            cp, cp_on = _ring_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr),
+                                    (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb), (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl),
+                                    (first_d, first_d, 0, first_d, 0, first_d), pid_b, SUB, 5 + HAS_Z, (False,) * 6)
+            for ahead in tl.static_range(PF):
+                _ring_copy(cp, ring + ahead * SLOT, (p_last - ahead) * SUB, L, cp_on, REVERSE, ring_ptr)
         for c_rev in range(n_seg_chunks):
             c = c_first + n_seg_chunks - 1 - c_rev
             # The state at the start of each SUB-step piece of this chunk, into a small L2-resident scratch.
@@ -751,21 +975,31 @@ def _scan_bwd_kernel(
             for s_rev in range(n_sub):
                 s = n_sub - 1 - s_rev
                 i0 = c * CHUNK + s * SUB
-                if PF > 0:
+                slot = ring
+                if RING:
+                    q = p_last - i0 // SUB
+                    slot = ring + (q % (PF + 1)) * SLOT + _ring_wait(PF, ring_d)
+                    _ring_copy(cp, ring + ((q + PF) % (PF + 1)) * SLOT, i0 - PF * SUB, L, cp_on, REVERSE,
+                               ring_ptr)
+                elif PF > 0:
                     _prefetch(pf, i0 - PF * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
                 h = tl.load(scratch + s * BD * N)
                 if i0 + SUB <= L:
                     dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
                         dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
-                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, SUB,
-                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL, SMEM_SUMS)
+                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, BD,
+                        SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, False, SHFL, SMEM_SUMS, slot, ring_d, ring_ptr,
+                        RING)
                 else:
                     dh, dA_acc, dD_acc, dbias_acc = _bwd_piece(
                         dh, dA_acc, dD_acc, dbias_acc, h, pid_b, i0, L, part_row, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
                         dout_ptr, du_ptr, ddt_ptr, dz_ptr, dBC_ptr, s_ub, s_ul, s_tb, s_tl, s_zb, s_zl, s_Bb, s_Bl,
-                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, SUB,
-                        HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL, SMEM_SUMS)
+                        s_Cb, s_Cl, s_gb, s_gl, offs_d, offs_bc, cols, bc_offs, bc_first, A, A2, Dv, bias, N, NV, BD,
+                        SUB, HAS_Z, SOFTPLUS, REVERSE, MUFU, COLS, True, SHFL, SMEM_SUMS, slot, ring_d, ring_ptr,
+                        RING)
+        if RING:
+            _ring_drain()
         tl.store(dA_ptr + seg.to(tl.int64) * DIM * N + dn, dA_acc, mask=mask_dn)
         tl.store(dD_ptr + seg * DIM + offs_d, dD_acc, mask=cols)
         tl.store(dbias_ptr + seg * DIM + offs_d, dbias_acc, mask=cols)
@@ -853,6 +1087,20 @@ def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, bd: int, nv
             and not INTERPRET)
 
 
+def _ring_rows_ok(*ts: torch.Tensor | None) -> bool:
+    """Whether the (b, l, d) rows can be copied into the ring in 16-byte pieces: 2-byte values, 16-byte aligned."""
+    return all(t is None or (t.element_size() == 2 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
+                             and t.data_ptr() % 16 == 0) for t in ts)
+
+
+def _ring_buffer(ring: bool, programs: int, like: torch.Tensor) -> torch.Tensor:
+    """What stands in for the ring's shared memory under the interpreter (one RING_BYTES row per program); on the
+    GPU the kernels ignore the argument."""
+    if ring and INTERPRET:
+        return torch.empty(programs * _RING_BYTES // 2, dtype=torch.int16, device=like.device)
+    return like
+
+
 def _strides(*ts: torch.Tensor) -> list[int]:
     return [s for t in ts for s in (t.stride(0), t.stride(1))]
 
@@ -884,6 +1132,9 @@ class SelectiveScanFn(torch.autograd.Function):
             bd, nv = cfg["BD_idle"], min(n, cfg["NV_idle"])
             n_blocks = triton.cdiv(dim, bd)
         lanes = _lanes_known(B, C, n, dim, bd, nv, cfg["num_warps"])
+        ring = (cfg["ring"] and (lanes or INTERPRET) and dim % bd == 0 and 1 <= depth <= 5
+                and (depth + 1) * 5 * steps * 32 <= _RING_BYTES and _ring_rows_ok(u, delta, z, B, C))
+        ring_buf = _ring_buffer(ring, batch * n_blocks * n_seg, u)
         group = n // nv if cfg["group"] and (lanes or INTERPRET) and n // nv in (2, 4) else 1
         seg_state = torch.empty(batch, n_seg, dim, n, dtype=torch.float32, device=u.device)
         seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
@@ -891,13 +1142,13 @@ class SelectiveScanFn(torch.autograd.Function):
         def launch(seg_state: torch.Tensor, save_states: bool, state_only: bool, has_init: bool) -> None:
             _scan_fwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if D_ is not None else A, z if z is not None else u,
-                bias if bias is not None else A, out, states, seg_state, seg_dt, length, dim, seg_len, 1,
+                bias if bias is not None else A, out, states, seg_state, seg_dt, ring_buf, length, dim, seg_len, 1,
                 int(save_states), *_strides(u, delta, z if z is not None else u, B, C, out),
                 N=n, NV=nv, BD=bd, U=steps, DEPTH=depth, CHUNK=chunk, HAS_D=D is not None,
                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 REVERSE=bool(reverse), STATE_ONLY=state_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % bd != 0, LANES=lanes,
-                PRED_STORE=cfg["pred_store"], GROUP=group if steps % group == 0 else 1,
+                PRED_STORE=cfg["pred_store"], GROUP=group if steps % group == 0 else 1, RING=ring,
                 num_warps=cfg["num_warps"],
             )
 
@@ -936,16 +1187,23 @@ class SelectiveScanFn(torch.autograd.Function):
         seg_dt = torch.empty(batch, n_seg, dim, **f32)
         scratch = torch.empty(batch * n_blocks * n_seg * (chunk // cfg["SUB"]) * cfg["BD"] * n, **f32)
 
+        shfl = _lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True)
+        ring = (cfg["ring"] and (shfl or INTERPRET) and dim % cfg["BD"] == 0 and 1 <= cfg["prefetch"] <= 4
+                and cfg["SUB"] == 4 and n == 16 and _ring_rows_ok(u, delta, z, dout, B, C))
+        ring_buf = _ring_buffer(ring, batch * n_blocks * n_seg, u)
+
         def launch(seg_adj: torch.Tensor, adj_only: bool, has_init: bool) -> None:
             _scan_bwd_kernel[(batch, n_blocks, n_seg)](
                 u, delta, A, B, C, D_ if has_d else A, z if has_z else u, bias if has_bias else A, dout, states,
-                scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dBC,
+                scratch, seg_adj, seg_dt, du, ddelta, dz if has_z else du, dA, dD, dbias, dBC, ring_buf,
                 length, dim, seg_len, 1, *_strides(u, delta, z if has_z else u, B, C, dout),
                 N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=chunk, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
-                SHFL=_lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True),
-                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"], num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
+                SHFL=shfl,
+                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"], RING=ring and (cfg["ring_adj"] or not adj_only),
+                num_warps=cfg["num_warps"],
+                maxnreg=cfg["maxnreg"],
             )
 
         if length > 0:

@@ -171,6 +171,7 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
         # 4 time segments: the state passed from segment to segment is decayed by their sums of dt
         cases += [("scan fwd", dtype, reverse, (1, 1000, 16), lambda *a: check_scan(*a, grads=False))
                   for dtype, reverse in itertools.product((torch.float32, torch.bfloat16), (False, True))]
+        cases.append(("scan fp16", torch.float16, True, (1, 301, 16), lambda *a: check_scan(*a, grads=True)))
         cases += conv_cases((2, 130, 20))
     if only is not None:
         cases = [case for case in cases if case[0] == only]

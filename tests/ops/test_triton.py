@@ -19,7 +19,7 @@ from caduceus.ops import reference  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, causal_conv1d_silu, rms_norm, scan, selective_scan  # noqa: E402
 from tests.conftest import REFERENCE_MODELS, load_reference  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def _poison() -> None:
@@ -49,6 +49,14 @@ def test_registered_for_cuda() -> None:
 @pytest.mark.parametrize("full", [True, False])
 def test_selective_scan(dtype, reverse, batch, length, dim, full) -> None:
     _check_scan(dtype, reverse, batch, length, dim, full)
+
+
+# fp16 takes the same paths as bf16 (2-byte rows through the shared-memory ring where the channels allow): one time
+# segment with the ring and many programs (256 channels), and time segments (512).
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("batch", "length", "dim"), [(2, 513, 512), (32, 300, 256)])
+def test_selective_scan_fp16(reverse, batch, length, dim) -> None:
+    _check_scan(torch.float16, reverse, batch, length, dim, full=True)
 
 
 # Forward launch settings other than the default that benchmarks/bench_gpu.py --sweep times: the configuration before

@@ -103,7 +103,8 @@ def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n
 # Changes from the default configuration (the empty entry): the configuration before the ring (2026-12-07, sixth
 # session), the one before 2026-12-07 (no per-channel work shared among a channel's lanes, a branch around the state
 # store), the same depths and tiles with rows prefetched into registers instead of the shared-memory ring, each switch
-# alone (group, pred_store, MUFU), other prefetch depths, and the "_idle" tiles of 4 states per lane (twice the warps).
+# alone (group, pred_store, MUFU), other prefetch depths, the "_idle" tiles of 4 states per lane (twice the warps), and
+# time cut into segments up to fewer or more programs.
 SWEEP_FWD = [{},
              {"ring": False, "depth": 1, "depth_idle": 3, "BD_idle": 8, "NV_idle": 4},
              {"ring": False, "depth": 1, "depth_idle": 3, "group": False, "pred_store": False},
@@ -114,7 +115,9 @@ SWEEP_FWD = [{},
              {"depth": 2},
              {"depth": 4},
              {"depth_idle": 4},
-             {"BD_idle": 8, "NV_idle": 4}]
+             {"BD_idle": 8, "NV_idle": 4},
+             {"programs": 2048},
+             {"programs": 8192}]
 # The backward: before the ring, the ring for the adjoint walk only (not the adjoint-only pass of time segments), other
 # prefetch distances, programs, pieces of 2 steps, no time segments, the channel sums by shuffles, register caps, states
 # saved every 128 or 256 steps.
@@ -281,6 +284,10 @@ def run_models(baseline: bool = False) -> list[dict]:
     plan = [
         dict(n_layer=16, d_model=256, batch=1, length=131072, train=False),
         dict(n_layer=16, d_model=256, batch=1, length=131072, train=True, reps=1),
+        # Batched: a batch of 1 leaves the scan 32 (batch, channel block) programs, too few for the SMs, so time is
+        # cut into segments and every exp is computed twice; more sequences per call need fewer or no segments.
+        dict(n_layer=16, d_model=256, batch=8, length=131072, train=False),
+        dict(n_layer=16, d_model=256, batch=2, length=131072, train=True, reps=1),
         dict(n_layer=4, d_model=118, batch=256, length=1024, train=False),
         dict(n_layer=4, d_model=118, batch=256, length=1024, train=True),
         dict(n_layer=16, d_model=256, batch=1, length=1 << 20, train=True, checkpointing=True, reps=-1),

@@ -259,6 +259,25 @@ def _ring_drain():
 
 
 @triton.jit
+def _ring_fill(lanes, on, ring, SLOT: tl.constexpr, AHEAD: tl.constexpr, i_first, step, L, REVERSE: tl.constexpr,
+               ring_ptr):
+    """Before a walk: the copies of its first AHEAD pieces (piece k at walk steps i_first + k * step) into slots
+    0 .. AHEAD-1 of the ring."""
+    for k in tl.static_range(AHEAD):
+        _ring_copy(lanes, ring + k * SLOT, i_first + k * step, L, on, REVERSE, ring_ptr)
+
+
+@triton.jit
+def _ring_next(lanes, on, ring, q, SLOT: tl.constexpr, AHEAD: tl.constexpr, i_ahead, L, REVERSE: tl.constexpr,
+               ring_d, ring_ptr):
+    """The slot of the walk's piece q (of AHEAD + 1 slots), once its copies have landed; then the copies of piece
+    q + AHEAD (walk steps from i_ahead) go out into the slot that piece q - 1 freed."""
+    slot = ring + (q % (AHEAD + 1)) * SLOT + _ring_wait(AHEAD, ring_d)
+    _ring_copy(lanes, ring + ((q + AHEAD) % (AHEAD + 1)) * SLOT, i_ahead, L, on, REVERSE, ring_ptr)
+    return slot
+
+
+@triton.jit
 def _ring_rows(ring, k: tl.constexpr, offs, ptr, U: tl.constexpr, VEC: tl.constexpr, ring_ptr):
     """Rows k * U .. k * U + U-1 of the ring slot at ``ring`` (32 bytes each, copied from ``ptr``'s array) as U
     tiles of byte offsets ``offs`` within a row: 2-byte values one by one, or with VEC = 8 or 4 runs of VEC (an
@@ -585,14 +604,11 @@ def _scan_fwd_kernel(
                                 (s_ul, s_tl, s_Bl, s_Cl, s_zl), (first_d, first_d, 0, 0, first_d), pid_b, U,
                                 3 if STATE_ONLY else (5 if HAS_Z else 4), (narrow, narrow, False, False, narrow))
         ring_d = (offs_d % BD) * 2
-        for b in tl.static_range(DEPTH):
-            _ring_copy(lanes, ring + b * SLOT, start + b * U, L, on, REVERSE, ring_ptr)
+        _ring_fill(lanes, on, ring, SLOT, DEPTH, start, U, L, REVERSE, ring_ptr)
         i_rest = start + ((end - start) // U) * U
         for i0 in range(start, i_rest, U):
-            blk_i = (i0 - start) // U
-            slot = ring + (blk_i % (DEPTH + 1)) * SLOT + _ring_wait(DEPTH, ring_d)
-            _ring_copy(lanes, ring + ((blk_i + DEPTH) % (DEPTH + 1)) * SLOT, i0 + DEPTH * U, L, on, REVERSE,
-                       ring_ptr)
+            slot = _ring_next(lanes, on, ring, (i0 - start) // U, SLOT, DEPTH, i0 + DEPTH * U, L, REVERSE, ring_d,
+                              ring_ptr)
             us, dts, Bs, Cs, zs = _ring_read(slot, (u_ptr, dt_ptr, B_ptr, C_ptr, z_ptr),
                                              (False, False, True, True, False), ring_d, offs_bc, U, NV, ring_ptr)
             _save_state(st_base, h, i0, mask_dn, save, DIM, N, CHUNK, LANES, PRED_STORE)
@@ -893,16 +909,12 @@ def _scan_bwd_kernel(
             cp, cp_on = _ring_lanes((dt_ptr, dout_ptr, C_ptr, z_ptr), (s_tb, s_gb, s_Cb, s_zb),
                                     (s_tl, s_gl, s_Cl, s_zl), (first_d, first_d, 0, first_d), pid_b, SUB, 3 + HAS_Z,
                                     (False,) * 4)
-            for ahead in tl.static_range(PF):
-                _ring_copy(cp, ring + ahead * SLOT_ADJ, start + (n_sub - 1 - ahead) * SUB, L, cp_on, REVERSE,
-                           ring_ptr)
+            _ring_fill(cp, cp_on, ring, SLOT_ADJ, PF, start + (n_sub - 1) * SUB, -SUB, L, REVERSE, ring_ptr)
         for s_rev in range(n_sub):
             i0 = start + (n_sub - 1 - s_rev) * SUB
             slot = ring
             if RING:
-                slot = ring + (s_rev % (PF + 1)) * SLOT_ADJ + _ring_wait(PF, ring_d)
-                _ring_copy(cp, ring + ((s_rev + PF) % (PF + 1)) * SLOT_ADJ, i0 - PF * SUB, L, cp_on, REVERSE,
-                           ring_ptr)
+                slot = _ring_next(cp, cp_on, ring, s_rev, SLOT_ADJ, PF, i0 - PF * SUB, L, REVERSE, ring_d, ring_ptr)
             elif PF > 0:
                 _prefetch(pf, i0 - PF * SUB, L, (3 + HAS_Z) * SUB, REVERSE)
             if i0 + SUB <= L:
@@ -953,8 +965,7 @@ def _scan_bwd_kernel(
             cp, cp_on = _ring_lanes((u_ptr, dt_ptr, B_ptr, dout_ptr, C_ptr, z_ptr),
                                     (s_ub, s_tb, s_Bb, s_gb, s_Cb, s_zb), (s_ul, s_tl, s_Bl, s_gl, s_Cl, s_zl),
                                     (first_d, first_d, 0, first_d, 0, first_d), pid_b, SUB, 5 + HAS_Z, (False,) * 6)
-            for ahead in tl.static_range(PF):
-                _ring_copy(cp, ring + ahead * SLOT, (p_last - ahead) * SUB, L, cp_on, REVERSE, ring_ptr)
+            _ring_fill(cp, cp_on, ring, SLOT, PF, p_last * SUB, -SUB, L, REVERSE, ring_ptr)
         for c_rev in range(n_seg_chunks):
             c = c_first + n_seg_chunks - 1 - c_rev
             # The state at the start of each SUB-step piece of this chunk, into a small L2-resident scratch.
@@ -977,10 +988,8 @@ def _scan_bwd_kernel(
                 i0 = c * CHUNK + s * SUB
                 slot = ring
                 if RING:
-                    q = p_last - i0 // SUB
-                    slot = ring + (q % (PF + 1)) * SLOT + _ring_wait(PF, ring_d)
-                    _ring_copy(cp, ring + ((q + PF) % (PF + 1)) * SLOT, i0 - PF * SUB, L, cp_on, REVERSE,
-                               ring_ptr)
+                    slot = _ring_next(cp, cp_on, ring, p_last - i0 // SUB, SLOT, PF, i0 - PF * SUB, L, REVERSE,
+                                      ring_d, ring_ptr)
                 elif PF > 0:
                     _prefetch(pf, i0 - PF * SUB, L, (5 + HAS_Z) * SUB, REVERSE)
                 h = tl.load(scratch + s * BD * N)
@@ -1200,10 +1209,8 @@ class SelectiveScanFn(torch.autograd.Function):
                 N=n, NV=min(n, cfg["NV"]), BD=cfg["BD"], SUB=cfg["SUB"], CHUNK=chunk, HAS_D=has_d, HAS_Z=has_z,
                 HAS_BIAS=has_bias, SOFTPLUS=softplus, REVERSE=reverse, ADJ_ONLY=adj_only, HAS_INIT=has_init,
                 MUFU=cfg["mufu"] and not INTERPRET, COLS=dim % cfg["BD"] != 0,
-                SHFL=shfl,
-                SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"], RING=ring and (cfg["ring_adj"] or not adj_only),
-                num_warps=cfg["num_warps"],
-                maxnreg=cfg["maxnreg"],
+                SHFL=shfl, SMEM_SUMS=cfg["smem_sums"], PF=cfg["prefetch"],
+                RING=ring and (cfg["ring_adj"] or not adj_only), num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
             )
 
         if length > 0:

@@ -7,11 +7,11 @@ falls back to the pure-PyTorch backend.
 import triton  # noqa: F401  (an ImportError here makes the backend unavailable)
 
 from caduceus.ops import Backend, register_backend
-from caduceus.ops.triton.conv import causal_conv1d, causal_conv1d_silu
+from caduceus.ops.triton.conv import causal_conv1d
 from caduceus.ops.triton.norm import rms_norm
 from caduceus.ops.triton.scan import selective_scan
 
-__all__ = ["causal_conv1d", "causal_conv1d_silu", "rms_norm", "selective_scan"]
+__all__ = ["causal_conv1d", "rms_norm", "selective_scan"]
 
 register_backend(
     Backend(

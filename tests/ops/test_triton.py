@@ -186,9 +186,10 @@ def test_selective_scan_saves_no_states_without_grad() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("silu", [False, True])
-def test_causal_conv1d(dtype, reverse, silu) -> None:
-    x = torch.randn(2, 333, 400, device="cuda").to(dtype)[..., :236]
-    w, b = torch.randn(236, 1, 4, device="cuda"), torch.randn(236, device="cuda")
+@pytest.mark.parametrize("dim,width", [(236, 400), (237, 237), (512, 1024)])  # rows aligned to 4, 1 and 8 channels
+def test_causal_conv1d(dtype, reverse, silu, dim, width) -> None:
+    x = torch.randn(2, 333, width, device="cuda").to(dtype)[..., width - dim:]
+    w, b = torch.randn(dim, 1, 4, device="cuda"), torch.randn(dim, device="cuda")
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
     refs = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
     _poison()

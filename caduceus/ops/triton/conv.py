@@ -19,6 +19,13 @@ BL_BWD, BDC_BWD, TILES_BWD, WARPS_BWD = 16, 64, 32, 4
 
 
 @triton.jit
+def _multiple(n, VEC: tl.constexpr):
+    """n itself (VEC divides it, the caller checked), written so that Triton knows it: Triton knows only whether an
+    integer argument is a multiple of 16, and without this would read rows of, say, 236 channels 2 bytes at a time."""
+    return n // VEC * VEC
+
+
+@triton.jit
 def _shifted(x_base, offs_t, offs_d, mask_d, L, s_xl, k: tl.constexpr, K: tl.constexpr, REVERSE: tl.constexpr):
     """Tap k's input rows x[t -+ (K-1-k)] as float32, zero outside the sequence."""
     src = offs_t + (K - 1 - k) if REVERSE else offs_t - (K - 1 - k)
@@ -31,9 +38,11 @@ def _shifted(x_base, offs_t, offs_d, mask_d, L, s_xl, k: tl.constexpr, K: tl.con
 def _conv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, L, DIM, s_xb, s_xl, s_ob, s_ol,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
-    BL: tl.constexpr, BDC: tl.constexpr,
+    BL: tl.constexpr, BDC: tl.constexpr, VEC: tl.constexpr,
 ):
-    """out[t] = bias + sum_k w[k] x[t -+ (K-1-k)], optionally followed by SiLU."""
+    """out[t] = bias + sum_k w[k] x[t -+ (K-1-k)], optionally followed by SiLU. VEC divides DIM and the strides."""
+    DIM, s_xb, s_xl = _multiple(DIM, VEC), _multiple(s_xb, VEC), _multiple(s_xl, VEC)
+    s_ob, s_ol = _multiple(s_ob, VEC), _multiple(s_ol, VEC)
     pid_b = tl.program_id(0)
     offs_t = tl.program_id(1) * BL + tl.arange(0, BL)
     offs_d = tl.program_id(2) * BDC + tl.arange(0, BDC)
@@ -55,12 +64,14 @@ def _conv_kernel(
 def _conv_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, g_ptr, ga_ptr, dw_ptr, L, DIM, s_xb, s_xl, s_gb, s_gl, s_ab, s_al,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
-    BL: tl.constexpr, BDC: tl.constexpr, TILES: tl.constexpr,
+    BL: tl.constexpr, BDC: tl.constexpr, TILES: tl.constexpr, VEC: tl.constexpr,
 ):
     """The gradient at the conv's output before the SiLU, ga = g * SiLU'(conv(x)) with the conv recomputed (stored
     to ga_ptr; without SILU ga is g and nothing is stored), and per-program partial sums dw[k] = sum_t ga[t]
     x[t -+ (K-1-k)], db = sum_t ga[t], shape (programs, K+1, DIM), over TILES tiles of BL rows: the products are
-    summed in registers tile by tile and reduced over the rows once, at the end."""
+    summed in registers tile by tile and reduced over the rows once, at the end. VEC divides DIM and the strides."""
+    DIM, s_xb, s_xl = _multiple(DIM, VEC), _multiple(s_xb, VEC), _multiple(s_xl, VEC)
+    s_gb, s_gl, s_ab, s_al = _multiple(s_gb, VEC), _multiple(s_gl, VEC), _multiple(s_ab, VEC), _multiple(s_al, VEC)
     pid_b = tl.program_id(0)
     pid_t = tl.program_id(1)
     offs_d = tl.program_id(2) * BDC + tl.arange(0, BDC)
@@ -100,6 +111,15 @@ def _conv_bwd_kernel(
         tl.store(part + k * DIM, tl.sum(acc[k], axis=0), mask=mask_d)
 
 
+def _vec(dim: int, *ts: torch.Tensor) -> int:
+    """The most channels, a power of two up to 8 (16 bytes of bf16), that divide ``dim`` and the batch and row strides
+    of ``ts``: the kernels' rows are that aligned."""
+    vec = 8
+    while vec > 1 and (dim % vec or any(s % vec for t in ts for s in t.stride()[:2])):
+        vec //= 2
+    return vec
+
+
 def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool,
                  silu: bool) -> torch.Tensor:
     batch, length, dim = x.shape
@@ -110,6 +130,7 @@ def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             x, weight, bias if bias is not None else weight, out, length, dim,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BL=BL, BDC=BDC,
+            VEC=_vec(dim, x, out),
         )
     return out
 
@@ -144,7 +165,7 @@ class CausalConv1dFn(torch.autograd.Function):
                 x, w, bias if bias is not None else w, grad, ga, part, length, dim, x.stride(0), x.stride(1),
                 grad.stride(0), grad.stride(1), ga.stride(0), ga.stride(1),
                 K=k, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BL=BL_BWD, BDC=BDC_BWD, TILES=tiles,
-                num_warps=WARPS_BWD,
+                VEC=_vec(dim, x, grad, ga), num_warps=WARPS_BWD,
             )
         dx = _launch_conv(ga, w, None, not reverse, silu=False)
         sums = part.sum(0)

@@ -6,7 +6,7 @@ Triton's CPU interpreter with --interpret).
     PYTHONPATH=. python benchmarks/check_triton.py --shard 1/3  # every third case: run the shards side by side
                                                                # (Triton's compiles dominate and use one core each)
     PYTHONPATH=. python benchmarks/check_triton.py --only "scan fwd"  # the cases of that name (then sharded)
-    PYTHONPATH=. python benchmarks/check_triton.py --interpret [--set group=True ...]  # on the CPU, no GPU
+    PYTHONPATH=. python benchmarks/check_triton.py --interpret [--quick] [--set group=True ...]  # CPU, no GPU
 
 Relative error ||out - ref|| / ||ref|| must stay under 1e-4 (fp32 inputs) or 1e-2 (bf16/fp16), for the output and
 every gradient; NaN never passes. Before each run the CUDA caching allocator is filled with NaN, so an output
@@ -14,8 +14,9 @@ element that a kernel forgets to write shows up. Gradients are checked up to L =
 reference's Python loop); longer sequences, up to 131,072, check the forward only, against the same reference run
 under no_grad in float64 on the GPU.
 
-``--interpret`` runs the scan kernels in Triton's interpreter (TRITON_INTERPRET=1) on small shapes: their index
-arithmetic, masks, segments and both directions, forward and backward, with no GPU. It does not run inline PTX, so
+``--interpret`` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1) on small shapes: their index
+arithmetic, masks, segments and both directions, forward and backward, with no GPU (about 5 minutes on one core;
+``--quick``, the shorter sequences, about one; CI runs that). It does not run inline PTX, so
 the paths that need the GPU's lane layout are checked through their portable forms (``--set`` takes FWD_CONFIG
 entries, ``bwd_KEY`` BWD_CONFIG's: benchmarks/settings.py). Triton 3.6's interpreter needs numpy < 2.3.
 """
@@ -165,14 +166,17 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
     for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True)):
         cases.append(("rms_norm", dtype, res, (1000, 256), check_norm))
     if DEVICE == "cpu":  # the interpreter runs a kernel's programs one by one in Python: small shapes only
+        long, segmented = (45, 300) if quick else (301, 1000)
         cases = [("scan", dtype, reverse, (b, length, d), lambda *a: check_scan(*a, grads=True))
                  for dtype, reverse, (b, length, d) in itertools.product(
-                     (torch.float32, torch.bfloat16), (False, True), ((2, 7, 32), (1, 45, 20), (1, 301, 16)))]
-        # 4 time segments: the state passed from segment to segment is decayed by their sums of dt
-        cases += [("scan fwd", dtype, reverse, (1, 1000, 16), lambda *a: check_scan(*a, grads=False))
+                     (torch.float32, torch.bfloat16), (False, True), ((2, 7, 32), (1, 45, 20), (1, long, 16)))]
+        # time segments (5 or 16): the state passed from segment to segment is decayed by their sums of dt
+        cases += [("scan fwd", dtype, reverse, (1, segmented, 16), lambda *a: check_scan(*a, grads=False))
                   for dtype, reverse in itertools.product((torch.float32, torch.bfloat16), (False, True))]
-        cases.append(("scan fp16", torch.float16, True, (1, 301, 16), lambda *a: check_scan(*a, grads=True)))
+        cases.append(("scan fp16", torch.float16, True, (1, long, 16), lambda *a: check_scan(*a, grads=True)))
         cases += conv_cases((2, 130, 20))
+        cases += [("rms_norm", dtype, res, (40, 118), check_norm)
+                  for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True))]
     if only is not None:
         cases = [case for case in cases if case[0] == only]
         if not cases:

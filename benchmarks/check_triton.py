@@ -24,6 +24,7 @@ entries, ``bwd_KEY`` BWD_CONFIG's: benchmarks/settings.py). Triton 3.6's interpr
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import os
 import sys
@@ -34,7 +35,9 @@ if "--interpret" in sys.argv:  # before Triton is imported: its jit decorator re
 import torch  # noqa: E402
 
 from benchmarks.settings import add_settings_argument, apply_settings  # noqa: E402
-from caduceus.ops import reference  # noqa: E402
+from caduceus.configuration import CaduceusModelConfig  # noqa: E402
+from caduceus.modeling import CaduceusForMaskedLM  # noqa: E402
+from caduceus.ops import reference, use_backend  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -141,6 +144,24 @@ def check_norm(rows: int, width: int, dtype: torch.dtype, residual: bool) -> dic
     return errs
 
 
+def check_model(batch: int, length: int, d_model: int, dtype: torch.dtype, rcps: bool) -> dict[str, float]:
+    """A one-layer model whose mixer channels the Triton backend pads (d_model 118: 236 -> 240): logits and every
+    parameter's gradient against the reference backend in float64, which pads nothing."""
+    model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=d_model, n_layer=1, rcps=rcps))
+    ids = torch.randint(3, 11, (batch, length), device=DEVICE)
+    results = {}
+    for backend, dt in (("triton", dtype), ("reference", torch.float64)):
+        replica = copy.deepcopy(model).to(DEVICE, dt)
+        poison()
+        with use_backend(backend):
+            out = replica(ids, labels=ids)
+            out.loss.backward()
+        results[backend] = {"logits": out.logits, **{n: p.grad for n, p in replica.named_parameters()}}
+    errs = {k: rel_err(v, results["reference"][k]) for k, v in results["triton"].items()}
+    worst = max(errs, key=errs.get)
+    return {"logits": errs["logits"], f"worst ({worst.split('.', 3)[-1]})": errs[worst]}
+
+
 def conv_cases(shape: tuple[int, int, int]) -> list[tuple]:
     """The conv with and without its SiLU, both dtypes and directions, at one shape."""
     return [("conv silu" if silu else "conv", dtype, reverse, shape, lambda *a, silu=silu: check_conv(*a, silu=silu))
@@ -165,6 +186,7 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
     cases += conv_cases((3, 1000, 236))
     for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True)):
         cases.append(("rms_norm", dtype, res, (1000, 256), check_norm))
+    cases += [("model", torch.float32, rcps, (2, 1000, 118), check_model) for rcps in (False, True)]
     if DEVICE == "cpu":  # the interpreter runs a kernel's programs one by one in Python: small shapes only
         long, segmented = (45, 300) if quick else (301, 1000)
         cases = [("scan", dtype, reverse, (b, length, d), lambda *a: check_scan(*a, grads=True))
@@ -177,6 +199,7 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
         cases += conv_cases((2, 130, 20))
         cases += [("rms_norm", dtype, res, (40, 118), check_norm)
                   for dtype, res in itertools.product((torch.float32, torch.bfloat16), (False, True))]
+        cases.append(("model", torch.float32, False, (1, 24, 118), check_model))
     if only is not None:
         cases = [case for case in cases if case[0] == only]
         if not cases:

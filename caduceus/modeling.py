@@ -32,6 +32,15 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def pad_channels(t: torch.Tensor, pad: int, dim: int = 0, value: float = 0.0) -> torch.Tensor:
+    """``t`` with ``pad`` more entries of ``value`` along ``dim``."""
+    if pad == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
 def rc_hidden(x: torch.Tensor) -> torch.Tensor:
     """Reverse complement of a hidden tensor (B, L, C): reverse the sequence and the channels."""
     return x.flip(dims=(-2, -1))
@@ -53,7 +62,11 @@ class RMSNorm(nn.Module):
 
 class Mamba(nn.Module):
     """The Mamba-1 mixer (mamba_ssm ``Mamba`` v1.2). ``reverse=True`` runs it anti-causally, which equals
-    flipping the input, running it and flipping the output back, without the copies."""
+    flipping the input, running it and flipping the output back, without the copies.
+
+    Between the projections the channels are padded with zeros to the multiple the kernels want
+    (``ops.channel_multiple``; 236 -> 240 on Triton): zero rows of in_proj and of the conv make the padded channels'
+    conv output and gate zero, so they add nothing, and zero columns of x_proj and out_proj ignore them."""
 
     def __init__(
         self,
@@ -73,6 +86,7 @@ class Mamba(nn.Module):
     ) -> None:
         super().__init__()
         d_inner = expand * d_model
+        self.d_inner = d_inner
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
@@ -101,30 +115,39 @@ class Mamba(nn.Module):
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, reverse: bool = False
     ) -> torch.Tensor:
-        return self.out_proj(self.mix(*self.project_in(hidden), mask, reverse))
+        return self.project_out(self.mix(*self.project_in(hidden), mask, reverse))
 
     def project_in(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """in_proj as two matmuls, so that x and z come out contiguous (the CPU kernels then read them in place)."""
+        """in_proj as two matmuls, so that x and z come out contiguous (the CPU kernels then read them in place),
+        each with its channels padded (see the class)."""
+        pad = -self.d_inner % ops.channel_multiple(hidden.device)
         weights = self.in_proj.weight.chunk(2)
         biases = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-        x, z = (F.linear(hidden, w, b) for w, b in zip(weights, biases))
+        x, z = (F.linear(hidden, pad_channels(w, pad), None if b is None else pad_channels(b, pad))
+                for w, b in zip(weights, biases))
         return x, z
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        return F.linear(y, pad_channels(self.out_proj.weight, y.shape[-1] - self.d_inner, dim=1), self.out_proj.bias)
 
     def mix(
         self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None, reverse: bool = False
     ) -> torch.Tensor:
-        """Everything between the two projections: conv, SiLU, x_proj, dt_proj and the gated scan."""
+        """Everything between the two projections: conv, SiLU, x_proj, dt_proj and the gated scan, on x and z as
+        project_in gives them (channels padded, see the class)."""
+        pad = x.shape[-1] - self.d_inner
         if mask is not None:  # padding contributes nothing: zero conv input and scan input there
             x = x * mask
-        x = ops.causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, reverse, silu=True)
+        conv_bias = None if self.conv1d.bias is None else pad_channels(self.conv1d.bias, pad)
+        x = ops.causal_conv1d(x, pad_channels(self.conv1d.weight, pad), conv_bias, reverse, silu=True)
         if mask is not None:
             x = x * mask
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, in fp32
-        A = -torch.exp(self.A_log.float())
-        return ops.selective_scan(
-            x, dt, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), delta_softplus=True, reverse=reverse
-        )
+        x_dbl = F.linear(x, pad_channels(self.x_proj.weight, pad, dim=1))
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, pad_channels(self.dt_proj.weight, pad))  # the bias is added inside the scan, in fp32
+        A = pad_channels(-torch.exp(self.A_log.float()), pad, value=-1.0)
+        D, dt_bias = (pad_channels(t.float(), pad) for t in (self.D, self.dt_proj.bias))
+        return ops.selective_scan(x, dt, A, B, C, D, z, dt_bias, delta_softplus=True, reverse=reverse)
 
 
 class BiMamba(nn.Module):
@@ -161,9 +184,9 @@ class BiMamba(nn.Module):
             x, z = fwd.project_in(hidden)
             y, y_rev = fwd.mix(x, z, mask), rev.mix(x, z, mask, reverse=True)
             if self.strategy == "add":  # one projection of the sum; the bias, if any, counts once per direction
-                out = fwd.out_proj(y + y_rev)
+                out = fwd.project_out(y + y_rev)
                 return out if fwd.out_proj.bias is None else out + fwd.out_proj.bias
-            out, out_rev = fwd.out_proj(y), fwd.out_proj(y_rev)
+            out, out_rev = fwd.project_out(y), fwd.project_out(y_rev)
         return out + out_rev if self.strategy == "add" else out * out_rev
 
 

@@ -29,6 +29,7 @@ class Backend:
     causal_conv1d: Callable[..., torch.Tensor]
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     device_types: tuple[str, ...]
+    channel_multiple: int = 1  # the model pads the mixer's channels to a multiple of this (see channel_multiple)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -104,6 +105,12 @@ def get_backend(device: torch.device | str) -> Backend:
         if backend is not None and device_type in backend.device_types:
             return backend
     return _BACKENDS["reference"]
+
+
+def channel_multiple(device: torch.device | str) -> int:
+    """What the backend for ``device`` wants the mixer's channel count (d_inner) to be a multiple of: the Triton
+    kernels work in tiles of 16 channels and take a slower, masked path for the rest (d_model 118's 236 channels)."""
+    return get_backend(device).channel_multiple
 
 
 def selective_scan(

@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
     pytest.skip("the Triton backend needs a CUDA GPU", allow_module_level=True)
 
 from caduceus import ops  # noqa: E402
+from caduceus.configuration import CaduceusModelConfig  # noqa: E402
+from caduceus.modeling import CaduceusForMaskedLM  # noqa: E402
 from caduceus.ops import reference  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 from tests.conftest import REFERENCE_MODELS, load_reference  # noqa: E402
@@ -253,3 +255,23 @@ def test_published_fixtures_gradients_on_cuda(name: str) -> None:
         grads[backend] = {n: p.grad for n, p in replica.named_parameters()}
     for param, grad in grads["triton"].items():
         assert _rel(grad, grads["reference"][param]) < TOL[torch.float32], param
+
+
+@pytest.mark.parametrize("rcps", [False, True])
+def test_padded_channels_on_cuda(rcps: bool) -> None:
+    """d_model 118: on Triton the mixers' channels (236, or 118 a strand for PS) are padded to a multiple of 16;
+    logits and gradients (fp32) are those of the float64 reference backend, which pads nothing."""
+    torch.manual_seed(0)
+    model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=118, n_layer=2, rcps=rcps))
+    ids = torch.randint(3, 11, (2, 300), device="cuda")
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        replica = copy.deepcopy(model).to("cuda", dtype)
+        _poison()
+        with ops.use_backend(backend):
+            out = replica(ids, labels=ids)
+            out.loss.backward()
+        results[backend] = {"logits": out.logits, **{n: p.grad for n, p in replica.named_parameters()}}
+    assert ops.channel_multiple("cuda") == 16
+    for name, value in results["triton"].items():
+        assert _rel(value, results["reference"][name]) < TOL[torch.float32], name

@@ -20,5 +20,6 @@ register_backend(
         causal_conv1d=causal_conv1d,
         rms_norm=rms_norm,
         device_types=("cuda",),
+        channel_multiple=16,
     )
 )

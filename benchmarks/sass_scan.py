@@ -2,10 +2,11 @@
 instructions and MUFU operations (what the kernels are tuned on, see caduceus/ops/triton/scan.py).
 
     PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--dtype bfloat16]
-                                                [--set KEY=VALUE ...] [--file scan.py] [--sass DIR]
+                                                [--set KEY=VALUE ...] [--file scan.py] [--sass DIR] [--arch 90]
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
-device (an H100: sm_90), and launches compile without running. The scan is called on CPU tensors as the model
+device (an H100: sm_90; ``--arch 75`` a T4, which the kernels must also compile for), and launches compile without
+running. The scan is called on CPU tensors as the model
 would call it (u, delta, z of ``--dtype``; B and C slices of one x_proj output), forward and backward, so each kernel is
 compiled with the specialisation it gets on the GPU (with no cut into time segments unless the shape asks).
 """
@@ -30,10 +31,13 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 
 class OfflineDriver:
-    """Enough of a Triton driver to compile for an sm_90 device that is not there."""
+    """Enough of a Triton driver to compile for a CUDA device that is not there (sm_90 unless told)."""
+
+    def __init__(self, arch: int = 90) -> None:
+        self.arch = arch
 
     def get_current_target(self) -> GPUTarget:
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", self.arch, 32)
 
     def get_current_device(self) -> int:
         return 0
@@ -61,7 +65,8 @@ def load_scan(path: str | None):
 
 
 def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | None = None,
-                 dtype: torch.dtype = torch.bfloat16, settings: list[str] | None = None) -> dict[str, object]:
+                 dtype: torch.dtype = torch.bfloat16, settings: list[str] | None = None,
+                 arch: int = 90) -> dict[str, object]:
     """The compiled kernels of one forward and backward of the scan, by kernel name and the flags that tell the
     launches of one kernel apart. ``settings``: KEY=VALUE launch settings (see benchmarks/settings.py)."""
     kernels: dict[str, object] = {}
@@ -73,7 +78,7 @@ def compile_scan(batch: int, length: int, dim: int, n: int = 16, path: str | Non
         kernels.setdefault(f"{self.fn.__name__} {flags}".strip(), kernel)
         return kernel
 
-    driver.set_active(OfflineDriver())
+    driver.set_active(OfflineDriver(arch))
     jit.JITFunction.run = compile_only
     try:
         scan = load_scan(path)
@@ -130,9 +135,10 @@ def main() -> None:
     add_settings_argument(parser)
     parser.add_argument("--file", help="compile this copy of scan.py instead of the package's")
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: H100)")
     args = parser.parse_args()
     kernels = compile_scan(args.batch, args.length, args.dim, path=args.file, dtype=getattr(torch, args.dtype),
-                           settings=args.set)
+                           settings=args.set, arch=args.arch)
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel in kernels.items():
             file = re.sub(r"[^A-Za-z0-9_=]+", "_", name)

@@ -24,6 +24,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 from caduceus.ops import needs_grad
 
@@ -1102,6 +1103,15 @@ def _ring_rows_ok(*ts: torch.Tensor | None) -> bool:
                              and t.data_ptr() % 16 == 0) for t in ts)
 
 
+def _has_cp_async() -> bool:
+    """Whether the GPU Triton compiles for can fill the ring: cp.async needs sm_80 (Ampere) or newer, so T4s and
+    V100s take the plain loads. The interpreter emulates the ring."""
+    if INTERPRET:
+        return True
+    target = driver.active.get_current_target()
+    return target.backend == "cuda" and target.arch >= 80
+
+
 def _ring_buffer(ring: bool, programs: int, like: torch.Tensor) -> torch.Tensor:
     """What stands in for the ring's shared memory under the interpreter (one RING_BYTES row per program); on the
     GPU the kernels ignore the argument."""
@@ -1141,7 +1151,7 @@ class SelectiveScanFn(torch.autograd.Function):
             bd, nv = cfg["BD_idle"], min(n, cfg["NV_idle"])
             n_blocks = triton.cdiv(dim, bd)
         lanes = _lanes_known(B, C, n, dim, bd, nv, cfg["num_warps"])
-        ring = (cfg["ring"] and (lanes or INTERPRET) and dim % bd == 0 and 1 <= depth <= 5
+        ring = (cfg["ring"] and (lanes or INTERPRET) and _has_cp_async() and dim % bd == 0 and 1 <= depth <= 5
                 and (depth + 1) * 5 * steps * 32 <= _RING_BYTES and _ring_rows_ok(u, delta, z, B, C))
         ring_buf = _ring_buffer(ring, batch * n_blocks * n_seg, u)
         group = n // nv if cfg["group"] and (lanes or INTERPRET) and n // nv in (2, 4) else 1
@@ -1197,8 +1207,9 @@ class SelectiveScanFn(torch.autograd.Function):
         scratch = torch.empty(batch * n_blocks * n_seg * (chunk // cfg["SUB"]) * cfg["BD"] * n, **f32)
 
         shfl = _lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True)
-        ring = (cfg["ring"] and (shfl or INTERPRET) and dim % cfg["BD"] == 0 and 1 <= cfg["prefetch"] <= 4
-                and cfg["SUB"] == 4 and n == 16 and _ring_rows_ok(u, delta, z, dout, B, C))
+        ring = (cfg["ring"] and (shfl or INTERPRET) and _has_cp_async() and dim % cfg["BD"] == 0
+                and 1 <= cfg["prefetch"] <= 4 and cfg["SUB"] == 4 and n == 16
+                and _ring_rows_ok(u, delta, z, dout, B, C))
         ring_buf = _ring_buffer(ring, batch * n_blocks * n_seg, u)
 
         def launch(seg_adj: torch.Tensor, adj_only: bool, has_init: bool) -> None:

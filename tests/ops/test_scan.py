@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -183,6 +186,19 @@ def test_dispatch_picks_and_forces_backends(monkeypatch):
     with pytest.raises(ValueError, match="unknown or unavailable kernel backend 'cuda-magic'"):
         ops.set_backend("cuda-magic")
     assert "reference" in ops.available_backends() and "torch" in ops.available_backends()
+
+
+def test_rocm_builds_do_not_get_the_triton_backend():
+    """ROCm GPUs are "cuda" devices too, but the Triton kernels carry NVIDIA inline assembly: the torch backend serves
+    them (a subprocess, so that this process keeps its imports)."""
+    code = (
+        "import torch; torch.version.hip = '6.2'\n"
+        "from caduceus import ops\n"
+        "assert ops.get_backend('cuda').name == 'torch', ops.get_backend('cuda').name\n"
+        "try:\n    import caduceus.ops.triton\nexcept ImportError as e:\n    assert 'ROCm' in str(e), e\n"
+        "else:\n    raise AssertionError('imported')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_training_saves_no_per_step_states(scan_engine):

@@ -1,10 +1,16 @@
 """Triton kernels for CUDA tensors: fused selective scan, depthwise causal conv1d and fused add + RMSNorm.
 
 Importing this package registers the ``triton`` backend; without Triton installed the import fails and the dispatcher
-falls back to the pure-PyTorch backend.
+falls back to the pure-PyTorch backend. So it does on ROCm builds of PyTorch (their GPUs are "cuda" devices too):
+the kernels carry NVIDIA inline assembly.
 """
 
-import triton  # noqa: F401  (an ImportError here makes the backend unavailable)
+import torch
+
+if torch.version.hip is not None:
+    raise ImportError("the Triton kernels are written for NVIDIA GPUs (inline PTX); this is a ROCm build of PyTorch")
+
+import triton  # noqa: E402, F401  (an ImportError here makes the backend unavailable)
 
 from caduceus.ops import Backend, register_backend
 from caduceus.ops.triton.conv import causal_conv1d

@@ -42,8 +42,8 @@ PTX = tl.constexpr(not INTERPRET)
 # sub-partition) each warp must hide it itself: depth 5 ("_idle" keys). The backward's registers are at the cap; it
 # copies the rows ``prefetch`` pieces ahead into the ring (without it: asks L2 for them that far ahead).
 # BD channels per program, NV states per thread (a warp holds BD * N / NV lanes' worth); in one time segment with
-# fewer than ``busy`` programs the forward takes the "_idle" tiles: now the same as the others (BD_idle 8, NV_idle 4,
-# twice the warps, won while the blocks were held in registers; with the ring they lose 6% at 16 x 131k).
+# fewer than ``busy`` programs the forward takes the "_idle" tiles, now the same as the others (the former BD_idle 8,
+# NV_idle 4, twice the warps, won while the blocks were held in registers; with the ring they lose 6% at 16 x 131k).
 # pred_store: the forward's state store before each block predicated within its assembly rather than under a branch,
 # so that the loop body is one basic block for ptxas to schedule. group: the per-channel work of G steps
 # (softplus, output, gate) shared among the G = N / NV lanes of a channel (see _fwd_group). smem_sums: the backward's
@@ -51,9 +51,10 @@ PTX = tl.constexpr(not INTERPRET)
 # 5% faster backward on the H200).
 # ring (both directions): the rows copied ahead into a ring in shared memory (cp.async) and read from there, instead of
 # loaded into registers ``depth`` blocks ahead (forward) or from L2 when due (backward's adjoint walk, ``prefetch``
-# pieces ahead); bf16/fp16 rows, 16-byte aligned, the lanes layout, channels a multiple of BD (not d_model 118's 236:
-# those take the plain loads; without the ring, depths 3 and 5 held in registers cost 4.7x at 16 x 131k); see
-# _ring_copy. ring_adj: with ring, the backward's adjoint-only pass (time segments) too (2% at 16 x 131k).
+# pieces ahead); bf16/fp16 rows, 16-byte aligned, the lanes layout, channels a multiple of BD (d_model 118's 236 are
+# not, so the model pads them to 240: ops.channel_multiple), sm_80 or newer (cp.async); other inputs take the plain
+# loads (without the ring, depths 3 and 5 held in registers cost 4.7x at 16 x 131k); see _ring_copy. ring_adj: with
+# ring, the backward's adjoint-only pass (time segments) too (2% at 16 x 131k).
 # maxnreg: a register cap for the backward (None: ptxas' own, 255 at the default tiles), trading spills for warps.
 # chunk: steps between the states the forward saves for the backward (B*D*N*4 bytes per chunk steps: at 64 half the
 # bytes of a bf16 (b, l, d) tensor); the backward recomputes a chunk's chunk / SUB piece states into a scratch meant to
@@ -1098,18 +1099,15 @@ def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, bd: int, nv
 
 
 def _ring_rows_ok(*ts: torch.Tensor | None) -> bool:
-    """Whether the (b, l, d) rows can be copied into the ring in 16-byte pieces: 2-byte values, 16-byte aligned."""
+    """Whether the (b, l, d) rows can be copied into the ring in 16-byte pieces (2-byte values, 16-byte aligned) by
+    the GPU Triton compiles for: cp.async needs sm_80 (Ampere) or newer, so T4s and V100s take the plain loads. The
+    interpreter emulates the ring."""
+    if not INTERPRET:
+        target = driver.active.get_current_target()
+        if target.backend != "cuda" or target.arch < 80:
+            return False
     return all(t is None or (t.element_size() == 2 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
                              and t.data_ptr() % 16 == 0) for t in ts)
-
-
-def _has_cp_async() -> bool:
-    """Whether the GPU Triton compiles for can fill the ring: cp.async needs sm_80 (Ampere) or newer, so T4s and
-    V100s take the plain loads. The interpreter emulates the ring."""
-    if INTERPRET:
-        return True
-    target = driver.active.get_current_target()
-    return target.backend == "cuda" and target.arch >= 80
 
 
 def _ring_buffer(ring: bool, programs: int, like: torch.Tensor) -> torch.Tensor:
@@ -1151,7 +1149,7 @@ class SelectiveScanFn(torch.autograd.Function):
             bd, nv = cfg["BD_idle"], min(n, cfg["NV_idle"])
             n_blocks = triton.cdiv(dim, bd)
         lanes = _lanes_known(B, C, n, dim, bd, nv, cfg["num_warps"])
-        ring = (cfg["ring"] and (lanes or INTERPRET) and _has_cp_async() and dim % bd == 0 and 1 <= depth <= 5
+        ring = (cfg["ring"] and (lanes or INTERPRET) and dim % bd == 0 and 1 <= depth <= 5
                 and (depth + 1) * 5 * steps * 32 <= _RING_BYTES and _ring_rows_ok(u, delta, z, B, C))
         ring_buf = _ring_buffer(ring, batch * n_blocks * n_seg, u)
         group = n // nv if cfg["group"] and (lanes or INTERPRET) and n // nv in (2, 4) else 1
@@ -1207,9 +1205,8 @@ class SelectiveScanFn(torch.autograd.Function):
         scratch = torch.empty(batch * n_blocks * n_seg * (chunk // cfg["SUB"]) * cfg["BD"] * n, **f32)
 
         shfl = _lanes_known(B, C, n, dim, cfg["BD"], min(n, cfg["NV"]), cfg["num_warps"], channel_sums=True)
-        ring = (cfg["ring"] and (shfl or INTERPRET) and _has_cp_async() and dim % cfg["BD"] == 0
-                and 1 <= cfg["prefetch"] <= 4 and cfg["SUB"] == 4 and n == 16
-                and _ring_rows_ok(u, delta, z, dout, B, C))
+        ring = (cfg["ring"] and (shfl or INTERPRET) and dim % cfg["BD"] == 0 and 1 <= cfg["prefetch"] <= 4
+                and cfg["SUB"] == 4 and n == 16 and _ring_rows_ok(u, delta, z, dout, B, C))
         ring_buf = _ring_buffer(ring, batch * n_blocks * n_seg, u)
 
         def launch(seg_adj: torch.Tensor, adj_only: bool, has_init: bool) -> None:

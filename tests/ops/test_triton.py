@@ -242,28 +242,9 @@ def test_published_fixtures_on_cuda(name: str) -> None:
         assert _rel(hidden, expected[f"hidden_states.{i}"].cuda()) <= TOL[torch.float32], i
 
 
-@pytest.mark.parametrize("name", REFERENCE_MODELS)
-def test_published_fixtures_gradients_on_cuda(name: str) -> None:
-    """Training on the Triton backend (fp32) gives the gradients of the float64 reference backend."""
-    model, io = load_reference(name)
-    ids = io["input_ids"].cuda()
-    grads = {}
-    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
-        replica = copy.deepcopy(model).to("cuda", dtype)
-        with ops.use_backend(backend):
-            replica(ids, labels=ids).loss.backward()
-        grads[backend] = {n: p.grad for n, p in replica.named_parameters()}
-    for param, grad in grads["triton"].items():
-        assert _rel(grad, grads["reference"][param]) < TOL[torch.float32], param
-
-
-@pytest.mark.parametrize("rcps", [False, True])
-def test_padded_channels_on_cuda(rcps: bool) -> None:
-    """d_model 118: on Triton the mixers' channels (236, or 118 a strand for PS) are padded to a multiple of 16;
-    logits and gradients (fp32) are those of the float64 reference backend, which pads nothing."""
-    torch.manual_seed(0)
-    model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=118, n_layer=2, rcps=rcps))
-    ids = torch.randint(3, 11, (2, 300), device="cuda")
+def _assert_trains_as_reference(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """A training step of ``model`` on the Triton backend (fp32) gives the logits and every gradient of the float64
+    reference backend."""
     results = {}
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
         replica = copy.deepcopy(model).to("cuda", dtype)
@@ -272,6 +253,21 @@ def test_padded_channels_on_cuda(rcps: bool) -> None:
             out = replica(ids, labels=ids)
             out.loss.backward()
         results[backend] = {"logits": out.logits, **{n: p.grad for n, p in replica.named_parameters()}}
-    assert ops.channel_multiple("cuda") == 16
     for name, value in results["triton"].items():
         assert _rel(value, results["reference"][name]) < TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_published_fixtures_gradients_on_cuda(name: str) -> None:
+    model, io = load_reference(name)
+    _assert_trains_as_reference(model, io["input_ids"].cuda())
+
+
+@pytest.mark.parametrize("rcps", [False, True])
+def test_padded_channels_on_cuda(rcps: bool) -> None:
+    """d_model 118: on Triton the mixers' channels (236, or 118 a strand for PS) are padded to a multiple of 16;
+    logits and gradients (fp32) are those of the float64 reference backend, which pads nothing."""
+    torch.manual_seed(0)
+    model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=118, n_layer=2, rcps=rcps))
+    assert ops.channel_multiple("cuda") == 16
+    _assert_trains_as_reference(model, torch.randint(3, 11, (2, 300), device="cuda"))

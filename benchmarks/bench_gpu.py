@@ -1,15 +1,16 @@
 """GPU benchmarks of the Triton backend: hardware floors, the selective scan alone, and the whole model.
 
     PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep [fwd|bwd]] [--entries 0,4] [--warm]
-                                                [--profile] [--baseline old_scan.py] [--set KEY=VALUE ...]
-                                                [--json out.json]
+                                                [--profile] [--baseline old_scan.py] [--cuda]
+                                                [--set KEY=VALUE ...] [--json out.json]
 
 Times are medians of ``triton.testing.do_bench``. The floors are measured in the same run: exp2 throughput of a
 Triton kernel (4 independent chains per thread) and a device-to-device copy. The scan's exp floor is B*L*D*N exp2
 at that rate. Model numbers use fp32 parameters under bf16 autocast, as the upstream measurements did; a training
 step is forward, cross-entropy over every position, backward and an AdamW step. ``--baseline`` times another copy
 of ``caduceus/ops/triton/scan.py`` (say, the previous commit's, saved outside the package) next to the current one
-in the same run: the scan alone, and the 16-layer model at 131,072 bp with that scan as a backend. ``--set``
+in the same run: the scan alone, and the 16-layer model at 131,072 bp with that scan as a backend. ``--cuda`` does
+the same for the CUDA backend (caduceus/ops/cuda). ``--set``
 changes the current scan's launch settings for the whole run (benchmarks/settings.py).
 """
 
@@ -277,9 +278,10 @@ def load_baseline(path: str):
     return module
 
 
-def run_models(baseline: bool = False) -> list[dict]:
+def run_models(baseline: bool = False, cuda: bool = False) -> list[dict]:
     """The model plan below; with ``baseline`` only the 16-layer model at 131,072 bp, with the baseline scan and
-    the current one."""
+    the current one; with ``cuda`` only the 131,072-bp and d118 batch-256 rows, on the Triton and CUDA backends in
+    turn, twice."""
     rows = []
     plan = [
         dict(n_layer=16, d_model=256, batch=1, length=131072, train=False),
@@ -298,6 +300,8 @@ def run_models(baseline: bool = False) -> list[dict]:
     ]
     if baseline:
         plan = [dict(kw, backend=backend) for kw in plan[:2] for backend in ("triton-baseline", "triton")]
+    elif cuda:
+        plan = [dict(kw, backend=backend) for kw in plan[:2] + plan[4:6] for backend in ("triton", "cuda") * 2]
     for kw in plan:
         try:
             row = bench_model(**kw)
@@ -321,6 +325,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="CUDA time per kind of kernel: the 16-layer model at 131,072 bp, d118 training")
     parser.add_argument("--baseline", help="a copy of scan.py to time next to the current one (scan, model)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="the CUDA backend (its scan forward in CUDA C++) next to Triton (scan, model)")
     parser.add_argument("--json", help="write every number to this file")
     add_settings_argument(parser)
     args = parser.parse_args()
@@ -347,6 +353,10 @@ def main() -> None:
         scans = [("current", triton_scan.selective_scan)]
         if baseline is not None:
             scans.insert(0, ("baseline", baseline.selective_scan))
+        if args.cuda:
+            from caduceus.ops.cuda import selective_scan as cuda_selective_scan
+
+            scans.append(("cuda", cuda_selective_scan))
         for shape in [(16, 131072, 512), (1, 131072, 512), (16, 1024, 512), (64, 1024, 512), (8, 1024, 236)]:
             for name, scan in scans:
                 row = bench_scan(*shape, exp_rate, bandwidth, scan=scan)
@@ -357,7 +367,7 @@ def main() -> None:
                       f"{row['exp_floor_ms']:.3f}), fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
                       f"({row['fwd_bwd_over_2x_exp_floor']:.2f}x 2*floor)", flush=True)
     if args.model:
-        report["model"] = run_models(baseline is not None)
+        report["model"] = run_models(baseline is not None, args.cuda)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -3,7 +3,8 @@
 ``selective_scan``, ``causal_conv1d`` and ``rms_norm`` pick a backend from the tensor's device:
 ``triton`` on CUDA when Triton is importable, otherwise ``torch`` (pure PyTorch, chunked, with a
 custom autograd Function; numba accelerates the scan loop on CPU when installed). ``reference`` is
-the literal, slow implementation the others are tested against.
+the literal, slow implementation the others are tested against. ``cuda`` (opt-in) is ``triton`` with
+the scan's forward in hand-written CUDA compiled at run time (NVRTC).
 
 Force a backend with ``use_backend("torch")`` (a context manager), ``set_backend(name)`` or the
 ``CADUCEUS_BACKEND`` environment variable. A new backend registers itself with ``register_backend``.
@@ -33,8 +34,10 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
-# Lazily imported modules that register a backend; tried in this order by "auto".
-_LAZY = {"triton": "caduceus.ops.triton", "torch": "caduceus.ops.cpu"}
+# Lazily imported modules that register a backend. "auto" tries _AUTO in order; "cuda" (the scan forward in CUDA C++,
+# the rest Triton's) is opt-in.
+_LAZY = {"triton": "caduceus.ops.triton", "torch": "caduceus.ops.cpu", "cuda": "caduceus.ops.cuda"}
+_AUTO = ("triton", "torch")
 _forced: str | None = None
 
 
@@ -100,7 +103,7 @@ def get_backend(device: torch.device | str) -> Backend:
             raise ValueError(f"unknown or unavailable kernel backend {name!r}; available: {available_backends()}")
         return backend
     device_type = torch.device(device).type
-    for candidate in _LAZY:
+    for candidate in _AUTO:
         backend = _load(candidate)
         if backend is not None and device_type in backend.device_types:
             return backend

@@ -20,20 +20,7 @@ from caduceus.modeling import CaduceusForMaskedLM  # noqa: E402
 from caduceus.ops import reference  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 from tests.conftest import REFERENCE_MODELS, load_reference  # noqa: E402
-
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def _poison() -> None:
-    """NaN-fill freed allocator blocks so that an output element a kernel does not write fails the check."""
-    blocks = [torch.full((n,), float("nan"), device="cuda") for n in (256, 4096, 1 << 18, 1 << 26)]
-    del blocks
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    assert torch.isfinite(out).all()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+from tests.ops.checks import TOL, poison, rel  # noqa: E402
 
 
 def test_registered_for_cuda() -> None:
@@ -107,18 +94,18 @@ def _check_scan(dtype: torch.dtype, reverse: bool, batch: int, length: int, dim:
             xz[..., 2 * dim:] if full else None, torch.randn(dim, device="cuda") - 3 if full else None]
     leaves = [a.detach().clone().requires_grad_(True) if a is not None else None for a in args]
     refs = [a.detach().double().requires_grad_(True) if a is not None else None for a in args]
-    _poison()
+    poison()
     out = selective_scan(*leaves, delta_softplus=full, reverse=reverse)
     ref = reference.selective_scan_reference(*refs, delta_softplus=full, reverse=reverse)
     assert out.dtype == dtype
-    assert _rel(out, ref) < TOL[dtype]
+    assert rel(out, ref) < TOL[dtype]
     grad = torch.randn_like(ref)
-    _poison()
+    poison()
     out.backward(grad.to(dtype))
     ref.backward(grad)
     for leaf, r in zip(leaves, refs):
         if leaf is not None:
-            assert _rel(leaf.grad, r.grad) < TOL[dtype]
+            assert rel(leaf.grad, r.grad) < TOL[dtype]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -134,7 +121,7 @@ def test_chain_segments(reverse, n_seg) -> None:
     for k in range(n_seg - 1, -1, -1) if reverse else range(n_seg):
         expected[:, k] = received
         received = torch.exp(seg_dt[:, k, :, None] * A) * received + seg[:, k]
-    assert _rel(scan._chain_segments(seg, seg_dt, A, reverse), expected) < 1e-5
+    assert rel(scan._chain_segments(seg, seg_dt, A, reverse), expected) < 1e-5
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -151,16 +138,16 @@ def test_selective_scan_many_segments(reverse, monkeypatch) -> None:
             torch.randn(batch, length, dim, device="cuda"), torch.randn(dim, device="cuda") - 3]
     leaves = [a.clone().requires_grad_(True) for a in args]
     refs = [a.double().requires_grad_(True) for a in args]
-    _poison()
+    poison()
     out = selective_scan(*leaves[:7], delta_bias=leaves[7], reverse=reverse)
     ref = reference.selective_scan_reference(*refs[:7], delta_bias=refs[7], delta_softplus=True, reverse=reverse)
-    assert _rel(out, ref) < TOL[torch.float32]
+    assert rel(out, ref) < TOL[torch.float32]
     grad = torch.randn_like(ref)
-    _poison()
+    poison()
     out.backward(grad.float())
     ref.backward(grad)
     for leaf, r in zip(leaves, refs):
-        assert _rel(leaf.grad, r.grad) < TOL[torch.float32]
+        assert rel(leaf.grad, r.grad) < TOL[torch.float32]
 
 
 def test_selective_scan_saves_no_states_without_grad() -> None:
@@ -194,18 +181,18 @@ def test_causal_conv1d(dtype, reverse, silu, dim, width) -> None:
     w, b = torch.randn(dim, 1, 4, device="cuda"), torch.randn(dim, device="cuda")
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
     refs = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
-    _poison()
+    poison()
     out = causal_conv1d(*leaves, reverse, silu)
     ref = reference.causal_conv1d_reference(*refs, reverse, silu)
-    assert _rel(out, ref) < TOL[dtype]
+    assert rel(out, ref) < TOL[dtype]
     with torch.no_grad():
         assert torch.equal(causal_conv1d(x, w, b, reverse, silu), out)
     grad = torch.randn_like(ref)
-    _poison()
+    poison()
     out.backward(grad.to(dtype))
     ref.backward(grad)
     for leaf, r in zip(leaves, refs):
-        assert _rel(leaf.grad, r.grad) < TOL[dtype]
+        assert rel(leaf.grad, r.grad) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -216,16 +203,16 @@ def test_rms_norm(dtype, residual) -> None:
     w = torch.rand(236, device="cuda") + 0.5
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, r)]
     refs = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, r)]
-    _poison()
+    poison()
     out, summed = rms_norm(leaves[0], leaves[1], leaves[2])
     ref_out, ref_sum = reference.rms_norm_reference(refs[0], refs[1], refs[2])
-    assert _rel(out, ref_out) < TOL[dtype] and _rel(summed, ref_sum) < TOL[dtype]
+    assert rel(out, ref_out) < TOL[dtype] and rel(summed, ref_sum) < TOL[dtype]
     g1, g2 = torch.randn_like(ref_out), torch.randn_like(ref_sum)
     torch.autograd.backward([out, summed], [g1.to(dtype), g2.to(dtype)])
     torch.autograd.backward([ref_out, ref_sum], [g1, g2])
     for leaf, r in zip(leaves, refs):
         if leaf is not None:
-            assert _rel(leaf.grad, r.grad) < TOL[dtype]
+            assert rel(leaf.grad, r.grad) < TOL[dtype]
 
 
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
@@ -233,13 +220,13 @@ def test_published_fixtures_on_cuda(name: str) -> None:
     """The whole model on the Triton backend computes what the upstream code computed (fp32)."""
     model, expected = load_reference(name)
     model = model.cuda().eval()
-    _poison()
+    poison()
     with torch.no_grad():
         out = model(expected["input_ids"].cuda(), output_hidden_states=True)
-    assert _rel(out.logits, expected["logits"].cuda()) <= TOL[torch.float32]
-    assert _rel(out.last_hidden_state, expected["last_hidden_state"].cuda()) <= TOL[torch.float32]
+    assert rel(out.logits, expected["logits"].cuda()) <= TOL[torch.float32]
+    assert rel(out.last_hidden_state, expected["last_hidden_state"].cuda()) <= TOL[torch.float32]
     for i, hidden in enumerate(out.hidden_states):
-        assert _rel(hidden, expected[f"hidden_states.{i}"].cuda()) <= TOL[torch.float32], i
+        assert rel(hidden, expected[f"hidden_states.{i}"].cuda()) <= TOL[torch.float32], i
 
 
 def _assert_trains_as_reference(model: torch.nn.Module, ids: torch.Tensor) -> None:
@@ -248,13 +235,13 @@ def _assert_trains_as_reference(model: torch.nn.Module, ids: torch.Tensor) -> No
     results = {}
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
         replica = copy.deepcopy(model).to("cuda", dtype)
-        _poison()
+        poison()
         with ops.use_backend(backend):
             out = replica(ids, labels=ids)
             out.loss.backward()
         results[backend] = {"logits": out.logits, **{n: p.grad for n, p in replica.named_parameters()}}
     for name, value in results["triton"].items():
-        assert _rel(value, results["reference"][name]) < TOL[torch.float32], name
+        assert rel(value, results["reference"][name]) < TOL[torch.float32], name
 
 
 @pytest.mark.parametrize("name", REFERENCE_MODELS)

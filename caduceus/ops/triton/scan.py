@@ -1175,11 +1175,19 @@ class SelectiveScanFn(torch.autograd.Function):
                 seg_state = _chain_segments(seg_state, seg_dt, A, reverse=False)
             launch(seg_state, save, False, n_seg > 1)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D_, z, bias, states)
-            ctx.flags = (D is not None, z is not None, delta_bias is not None, bool(delta_softplus), bool(reverse))
-            ctx.chunk = chunk
-            ctx.dtypes = (D.dtype if D is not None else None, delta_bias.dtype if delta_bias is not None else None)
+            SelectiveScanFn.save_context(ctx, (u, delta, A, B, C, D_, z, bias, states), D, delta_bias,
+                                         delta_softplus, reverse)
         return out
+
+    @staticmethod
+    def save_context(ctx, tensors: tuple, D, delta_bias, delta_softplus: bool, reverse: bool) -> None:
+        """What the backward reads: the kernels' inputs (u, delta, A, B, C, D, z, bias as float32 where they are
+        parameters) and the states saved every ``BWD_CONFIG["chunk"]`` walk steps (b, chunks, d, n). The CUDA
+        backend's forward (caduceus.ops.cuda) saves the same and reuses this backward."""
+        ctx.save_for_backward(*tensors)
+        ctx.flags = (D is not None, tensors[6] is not None, delta_bias is not None, bool(delta_softplus), bool(reverse))
+        ctx.chunk = BWD_CONFIG["chunk"]
+        ctx.dtypes = (D.dtype if D is not None else None, delta_bias.dtype if delta_bias is not None else None)
 
     @staticmethod
     def backward(ctx, dout):

@@ -1,0 +1,32 @@
+"""An optional CUDA backend: the selective scan forward as hand-written CUDA (``scan.cu``, compiled at run time with
+the NVRTC that PyTorch's CUDA wheels bring), everything else from the Triton backend (the scan's backward, the conv,
+the norm). Opt-in (``ops.set_backend("cuda")`` or ``CADUCEUS_BACKEND=cuda``); Triton stays the default. On an H100
+its forward is 1.17x the Triton forward's speed at one 131k sequence (BENCHMARKS.md).
+"""
+
+import torch
+
+if torch.version.cuda is None:
+    raise ImportError("the CUDA backend needs a CUDA build of PyTorch")
+
+from caduceus.ops import Backend, _load, register_backend  # noqa: E402
+from caduceus.ops.cuda.scan import nvrtc_path, selective_scan  # noqa: E402
+
+triton_backend = _load("triton")
+if triton_backend is None:
+    raise ImportError("the CUDA backend builds on the Triton backend, which is unavailable here")
+if nvrtc_path() is None:
+    raise ImportError("the CUDA backend needs NVRTC (libnvrtc), which came with neither PyTorch nor CUDA")
+
+__all__ = ["selective_scan"]
+
+register_backend(
+    Backend(
+        name="cuda",
+        selective_scan=selective_scan,
+        causal_conv1d=triton_backend.causal_conv1d,
+        rms_norm=triton_backend.rms_norm,
+        device_types=("cuda",),
+        channel_multiple=triton_backend.channel_multiple,
+    )
+)

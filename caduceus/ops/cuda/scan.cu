@@ -1,0 +1,213 @@
+// Mamba-1 selective scan forward for bf16 (b, l, d) rows, compiled at run time with NVRTC (caduceus/ops/cuda/scan.py).
+//
+// One warp per block of CH = 16 channels of one batch row (and, when time is cut into segments, one segment); lane
+// 2c + r holds NV = 8 of channel c's 16 states in registers and walks time. The two lanes of a channel share its
+// per-step work (softplus, output, gate) two steps at a time, each doing one step and passing values by shuffles.
+// Rows are copied T = 16 steps at a time into shared memory with cp.async, S - 1 blocks ahead of use; B and C are
+// widened to fp32 once per block. Reverse walks change only index arithmetic. The forward saves the state before
+// every CHUNK-th walk step for the Triton backward, in the layout of the Triton forward's. The tiles (NV, T, S) are
+// the best of five measured on an H100 (BENCHMARKS.md).
+//
+// With CADUCEUS_SCAN_HOST defined the device helpers and the kernel entry points are left out: tests/ops/test_cuda.py
+// compiles scan_fwd on the CPU with host versions of them.
+
+#define FULL 0xffffffffu
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+// CHUNK, the walk steps between saved states (the Triton backward's chunk), is defined by scan.py's compile options.
+typedef unsigned short bf16_t;
+
+#ifndef CADUCEUS_SCAN_HOST
+__device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ float lg2(float x) { float y; asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ float rcp(float x) { float y; asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ bf16_t to_bf(float x) { bf16_t r; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x)); return r; }
+__device__ __forceinline__ void cp16(void* dst, const void* src, int bytes) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int P> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(P) : "memory"); }
+#endif
+
+__device__ __forceinline__ float bf(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ void widen(uint4 w, float* dst) {  // 8 bf16 -> 8 fp32 in shared memory
+    float4 lo = make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
+                            __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
+    float4 hi = make_float4(__uint_as_float(w.z << 16), __uint_as_float(w.z & 0xffff0000u),
+                            __uint_as_float(w.w << 16), __uint_as_float(w.w & 0xffff0000u));
+    *(float4*)dst = lo;
+    *(float4*)(dst + 4) = hi;
+}
+
+// The G lanes of a channel each hold partial outputs of the group's G steps; afterwards lane r holds step r's sum.
+template <int G>
+__device__ __forceinline__ float reduce_scatter(float (&p)[G], int r) {
+    #pragma unroll
+    for (int w = G / 2; w >= 1; w /= 2) {
+        const bool hi = r & w;
+        #pragma unroll
+        for (int i = 0; i < w; ++i) {
+            const float keep = hi ? p[w + i] : p[i], send = hi ? p[i] : p[w + i];
+            p[i] = keep + __shfl_xor_sync(FULL, send, w);
+        }
+    }
+    return p[0];
+}
+
+// Time may be cut into segments of seg_blocks blocks in walk order (blockIdx.z): a first launch with STATE_ONLY
+// writes each segment's end state from a zero start and its sum of dt (seg_state (b, S, d, n), seg_dt (b, S, d)); the
+// chaining kernel turns them into each segment's incoming state (init), with which a second launch writes the output.
+template <int NV, int T, int S, bool REV, bool STATE_ONLY>
+__device__ __forceinline__ void scan_fwd(
+    const bf16_t* __restrict__ u, const bf16_t* __restrict__ dt, const float* __restrict__ A,
+    const bf16_t* __restrict__ Bm, const bf16_t* __restrict__ Cm, const float* __restrict__ Dv,
+    const bf16_t* __restrict__ z, const float* __restrict__ bias, bf16_t* __restrict__ out,
+    int L, int D, long long s_Bb, long long s_Bl, long long s_Cb, long long s_Cl,
+    int seg_blocks, float* __restrict__ seg_state, float* __restrict__ seg_dt, const float* __restrict__ init,
+    float* __restrict__ states) {
+    constexpr int N = 16, G = N / NV, CH = 32 / G;
+    constexpr int VU = T * CH / 8, VB = T * N / 8;  // 16-byte vectors per block: u/dt/z rows, B/C rows
+    constexpr int IU = (VU + 31) / 32, IB = (VB + 31) / 32;  // copies per lane and block
+    constexpr int SU = T * CH, SB = T * N;  // elements per stage
+    __shared__ __align__(16) bf16_t s_u[S * SU], s_dt[S * SU], s_z[S * SU], s_B[S * SB], s_C[S * SB];
+    __shared__ __align__(16) float s_Bf[SB], s_Cf[SB];
+    const int lane = threadIdx.x, c = lane / G, r = lane % G, n0 = r * NV;
+    const int b = blockIdx.y, d0 = blockIdx.x * CH, d = d0 + c;
+    // Blocks of T steps are aligned in walk order: walk block k holds time steps [k T, k T + T) forward, or
+    // (L - k T - T, L - k T] in reverse; only the last one runs past the sequence (zero rows, outputs not stored).
+    const int all_blocks = (L + T - 1) / T, seg = blockIdx.z, k0 = seg * seg_blocks;
+    auto block_start = [&](int k) { return REV ? L - (k + 1) * T : k * T; };  // the time of the block's row 0
+    const int nblk = min(all_blocks - k0, seg_blocks);  // this segment's blocks: walk blocks k0 .. k0 + nblk - 1
+    const size_t row0 = (size_t)b * L * D;
+    const size_t state_row = ((size_t)b * gridDim.z + seg) * D + d;
+    float A2[NV], h[NV], dt_sum = 0.f;
+    #pragma unroll
+    for (int k = 0; k < NV; ++k) {
+        A2[k] = A[d * N + n0 + k] * LOG2E;
+        h[k] = init != nullptr ? init[state_row * N + n0 + k] : 0.f;
+    }
+    const float Dd = Dv[d], bias_d = bias[d];
+
+    // What this lane copies: vector v = it * 32 + lane of a block is step v / (width / 8), channels (v % ...) * 8.
+    auto issue = [&](int k) {
+        if (k < nblk) {
+            const int stage = k % S, base = block_start(k0 + k);
+            #pragma unroll
+            for (int it = 0; it < IU; ++it) {
+                const int v = it * 32 + lane, i = v / (CH / 8), q = v % (CH / 8), t = base + i;
+                if (VU % 32 == 0 || v < VU) {
+                    const bool ok = (unsigned)t < (unsigned)L;
+                    const int bytes = ok ? 16 : 0;
+                    const size_t off = row0 + (size_t)(ok ? t : 0) * D + d0 + q * 8;
+                    const int dst = stage * SU + i * CH + q * 8;
+                    cp16(s_u + dst, u + off, bytes);
+                    cp16(s_dt + dst, dt + off, bytes);
+                    if (!STATE_ONLY) cp16(s_z + dst, z + off, bytes);
+                }
+            }
+            #pragma unroll
+            for (int it = 0; it < IB; ++it) {
+                const int v = it * 32 + lane, i = v / 2, q = v % 2, t = base + i;
+                if (VB % 32 == 0 || v < VB) {
+                    const bool ok = (unsigned)t < (unsigned)L;
+                    const int bytes = ok ? 16 : 0;
+                    const long long tt = ok ? t : 0;
+                    const int dst = stage * SB + i * N + q * 8;
+                    cp16(s_B + dst, Bm + b * s_Bb + tt * s_Bl + q * 8, bytes);
+                    cp16(s_C + dst, Cm + b * s_Cb + tt * s_Cl + q * 8, bytes);
+                }
+            }
+        }
+        cp_commit();
+    };
+    #pragma unroll
+    for (int k = 0; k < S - 1; ++k) issue(k);
+    const int dir = REV ? -1 : 1, first = REV ? T - 1 - r : r;  // this lane's own step in each group: first + dir * g * G
+    for (int k = 0; k < nblk; ++k) {
+        cp_wait<S - 2>();
+        __syncwarp();
+        const int stage = k % S, base = block_start(k0 + k), walk = (k0 + k) * T;
+        if (states != nullptr && walk % CHUNK == 0) {  // for the backward: the state before every CHUNK-th walk step
+            float* row = states + (((size_t)b * ((L + CHUNK - 1) / CHUNK) + walk / CHUNK) * D + d) * N + n0;
+            #pragma unroll
+            for (int q = 0; q < NV; q += 4) *(float4*)(row + q) = make_float4(h[q], h[q + 1], h[q + 2], h[q + 3]);
+        }
+        #pragma unroll
+        for (int it = 0; it < IB; ++it) {
+            const int v = it * 32 + lane;
+            if (VB % 32 == 0 || v < VB) {
+                widen(*(const uint4*)(s_B + stage * SB + v * 8), s_Bf + v * 8);
+                widen(*(const uint4*)(s_C + stage * SB + v * 8), s_Cf + v * 8);
+            }
+        }
+        __syncwarp();
+        issue(k + S - 1);
+        const bf16_t *pu = s_u + stage * SU + first * CH + c, *pdt = s_dt + stage * SU + first * CH + c;
+        const bf16_t* pz = s_z + stage * SU + first * CH + c;
+        const int own = base + first;  // this lane's step in the group g is own + dir * g * G
+        bf16_t* po = out + row0 + (ptrdiff_t)own * D + d;
+        #pragma unroll
+        for (int g = 0; g < T / G; ++g) {
+            const int off = dir * g * G;
+            const float dtr = bf(pdt[off * CH]) + bias_d;
+            const float dtv = dtr > 20.f ? dtr : LN2 * lg2(1.f + ex2(dtr * LOG2E));
+            const float uo = bf(pu[off * CH]);
+            const float dtu = dtv * uo;
+            float part[G];
+            #pragma unroll
+            for (int m = 0; m < G; ++m) {
+                const int j = REV ? T - 1 - (g * G + m) : g * G + m;
+                float dm = dtv, um = dtu;
+                if (G > 1) {
+                    dm = __shfl_sync(FULL, dtv, (lane & ~(G - 1)) | m);
+                    um = __shfl_sync(FULL, dtu, (lane & ~(G - 1)) | m);
+                }
+                const float* pB = s_Bf + j * N + n0;
+                const float* pC = s_Cf + j * N + n0;
+                float ya = 0.f, yb = 0.f;
+                #pragma unroll
+                for (int k = 0; k < NV; k += 4) {
+                    const float4 Bv = *(const float4*)(pB + k);
+                    h[k] = fmaf(h[k], ex2(dm * A2[k]), um * Bv.x);
+                    h[k + 1] = fmaf(h[k + 1], ex2(dm * A2[k + 1]), um * Bv.y);
+                    h[k + 2] = fmaf(h[k + 2], ex2(dm * A2[k + 2]), um * Bv.z);
+                    h[k + 3] = fmaf(h[k + 3], ex2(dm * A2[k + 3]), um * Bv.w);
+                    if (!STATE_ONLY) {
+                        const float4 Cv = *(const float4*)(pC + k);
+                        ya = fmaf(h[k], Cv.x, ya); yb = fmaf(h[k + 1], Cv.y, yb);
+                        ya = fmaf(h[k + 2], Cv.z, ya); yb = fmaf(h[k + 3], Cv.w, yb);
+                    }
+                }
+                part[m] = ya + yb;
+                if (STATE_ONLY) dt_sum += dm;
+            }
+            if (STATE_ONLY) continue;
+            const float y = G > 1 ? reduce_scatter<G>(part, r) : part[0];
+            const float zo = bf(pz[off * CH]);
+            const float o = (y + Dd * uo) * zo * rcp(1.f + ex2(-zo * LOG2E));
+            if ((unsigned)(own + off) < (unsigned)L) po[(ptrdiff_t)off * D] = to_bf(o);  // not past the walk's end
+        }
+    }
+    cp_wait<0>();
+    if (STATE_ONLY) {  // steps past the walk's end add to dt_sum only in the last segment, whose decay is never used
+        #pragma unroll
+        for (int k = 0; k < NV; ++k) seg_state[state_row * N + n0 + k] = h[k];
+        if (r == 0) seg_dt[state_row] = dt_sum;
+    }
+}
+
+#ifndef CADUCEUS_SCAN_HOST
+#define SCAN_ARGS const bf16_t* u, const bf16_t* dt, const float* A, const bf16_t* Bm, const bf16_t* Cm,        \
+    const float* Dv, const bf16_t* z, const float* bias, bf16_t* out, int L, int D, long long s_Bb,          \
+    long long s_Bl, long long s_Cb, long long s_Cl, int seg_blocks, float* seg_state, float* seg_dt,         \
+    const float* init, float* states
+#define SCAN_CALL u, dt, A, Bm, Cm, Dv, z, bias, out, L, D, s_Bb, s_Bl, s_Cb, s_Cl, seg_blocks, seg_state, seg_dt, \
+    init, states
+#define SCAN_KERNEL(name, rev, state_only) \
+    extern "C" __global__ void __launch_bounds__(32) name(SCAN_ARGS) { scan_fwd<8, 16, 4, rev, state_only>(SCAN_CALL); }
+SCAN_KERNEL(scan_fwd, false, false)
+SCAN_KERNEL(scan_rev, true, false)
+SCAN_KERNEL(scan_fwd_state, false, true)
+SCAN_KERNEL(scan_rev_state, true, true)
+#endif

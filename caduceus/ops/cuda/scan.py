@@ -1,0 +1,188 @@
+"""The selective scan forward as a CUDA kernel (``scan.cu``) compiled at run time with NVRTC, for bf16 inputs on
+sm_80 or newer; the backward is the Triton backend's, fed the states this forward saves in the same layout.
+
+NVRTC comes with PyTorch's CUDA wheels (the ``nvidia`` packages beside torch) or with a CUDA toolkit; the kernel is
+compiled once per GPU architecture and process (about a second) and launched through the driver API with ctypes, so
+the backend needs no package beyond PyTorch and Triton. Calls it does not cover (other dtypes, no D / z / bias,
+no softplus, N != 16, channels not a multiple of 16, older GPUs) go to the Triton kernels unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+from pathlib import Path
+
+import torch
+
+from caduceus.ops import needs_grad
+from caduceus.ops.triton import scan as triton_scan
+
+SOURCE = Path(__file__).with_name("scan.cu")
+CHANNELS, STEPS, STATES = 16, 16, 16  # a program's channels and steps per block (scan.cu: CH, T), and N
+CHUNK = 64  # scan.cu saves the state every CHUNK walk steps; the Triton backward must read them at that spacing
+# Time is cut into segments (two launches and the Triton chaining kernel between them) when fewer than CUT_BELOW
+# programs (batch rows x channel blocks) would run, into enough segments to make about PROGRAMS.
+CUT_BELOW, PROGRAMS = 512, 4096
+
+
+def nvrtc_path() -> str | None:
+    """The NVRTC library of PyTorch's CUDA wheels, else one the loader finds by name (a CUDA toolkit)."""
+    site = Path(torch.__file__).parent.parent
+    for pattern in ("nvidia/*/lib/libnvrtc.so*",):
+        hits = [h for h in sorted(glob.glob(str(site / pattern))) if "builtins" not in h]
+        if hits:
+            return hits[0]
+    major = (torch.version.cuda or "").split(".")[0]
+    for name in (f"libnvrtc.so.{major}", "libnvrtc.so"):
+        try:
+            ctypes.CDLL(name)
+            return name
+        except OSError:
+            continue
+    return None
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what} failed with CUDA status {status}")
+
+
+@functools.cache
+def compile_cubin(arch: int) -> bytes:
+    """scan.cu as machine code for sm_<arch> (e.g. 90)."""
+    path = nvrtc_path()
+    if path is None:
+        raise RuntimeError("the CUDA scan backend needs NVRTC (libnvrtc), which came with neither PyTorch nor CUDA")
+    nvrtc = ctypes.CDLL(path)
+    prog = ctypes.c_void_p()
+    _check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"scan.cu", 0, None, None),
+           "nvrtcCreateProgram")
+    try:
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"-default-device", b"--ftz=true",
+                f"-DCHUNK={CHUNK}".encode()]
+        status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if status != 0:
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {SOURCE} for sm_{arch}:\n{log.value.decode()}")
+        size = ctypes.c_size_t()
+        _check(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return cubin.raw
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@functools.cache
+def _kernels(device_index: int) -> dict[str, ctypes.c_void_p]:
+    """The four entry points of scan.cu, loaded into the device's primary context (PyTorch's)."""
+    with torch.cuda.device(device_index):
+        torch.cuda.init()
+        major, minor = torch.cuda.get_device_capability(device_index)
+        cuda = _driver()
+        module = ctypes.c_void_p()
+        _check(cuda.cuModuleLoadData(ctypes.byref(module), compile_cubin(10 * major + minor)), "cuModuleLoadData")
+        kernels = {}
+        for name in ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state"):
+            fn = ctypes.c_void_p()
+            _check(cuda.cuModuleGetFunction(ctypes.byref(fn), module, name.encode()), f"cuModuleGetFunction {name}")
+            kernels[name] = fn
+        return kernels
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def plan(batch: int, length: int, dim: int) -> tuple[int, int]:
+    """Blocks of STEPS steps per time segment, and segments."""
+    blocks, programs = -(-length // STEPS), batch * dim // CHANNELS
+    target = max(1, PROGRAMS // programs) if programs < CUT_BELOW else 1
+    seg_blocks = max(1, -(-blocks // target))
+    return seg_blocks, -(-blocks // seg_blocks)
+
+
+def supports(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> bool:
+    """Whether scan.cu covers this call (else the Triton kernels take it)."""
+    if D is None or z is None or delta_bias is None or not delta_softplus or not u.is_cuda:
+        return False
+    if any(t.dtype != torch.bfloat16 for t in (u, delta, B, C, z)):
+        return False
+    return (A.shape[1] == STATES and u.shape[-1] % CHANNELS == 0 and u.shape[1] > 0
+            and triton_scan.BWD_CONFIG["chunk"] == CHUNK and torch.cuda.get_device_capability(u.device) >= (8, 0))
+
+
+def scan_forward(u, delta, A, B, C, D, z, bias, reverse: bool, states: torch.Tensor | None) -> torch.Tensor:
+    """Launches scan.cu (twice, with the chaining between, when time is cut into segments). u, delta, z contiguous
+    (b, l, d) bf16; B, C (b, l, 16) rows 16-byte aligned; A (d, 16), D, bias (d,) float32; states, if given, the
+    (b, chunks, d, 16) float32 tensor the Triton backward reads."""
+    batch, length, dim = u.shape
+    seg_blocks, n_seg = plan(batch, length, dim)
+    out = torch.empty_like(u)
+    kernels = _kernels(u.device.index if u.device.index is not None else torch.cuda.current_device())
+    stream = ctypes.c_void_p(torch.cuda.current_stream(u.device).cuda_stream)
+    direction = "rev" if reverse else "fwd"
+
+    def launch(name: str, seg_state=None, seg_dt=None, init=None, saved=None) -> None:
+        values = [ctypes.c_void_p(t.data_ptr()) for t in (u, delta, A, B, C, D, z, bias, out)]
+        values += [ctypes.c_int(length), ctypes.c_int(dim)]
+        values += [ctypes.c_longlong(s) for s in (B.stride(0), B.stride(1), C.stride(0), C.stride(1))]
+        values += [ctypes.c_int(seg_blocks)]
+        values += [ctypes.c_void_p(0 if t is None else t.data_ptr()) for t in (seg_state, seg_dt, init, saved)]
+        args = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+        _check(_driver().cuLaunchKernel(kernels[name], dim // CHANNELS, batch, n_seg, 32, 1, 1, 0, stream, args,
+                                        None), f"cuLaunchKernel {name}")
+
+    init = None
+    if n_seg > 1:
+        seg_state = torch.empty(batch, n_seg, dim, STATES, dtype=torch.float32, device=u.device)
+        seg_dt = torch.empty(batch, n_seg, dim, dtype=torch.float32, device=u.device)
+        launch(f"scan_{direction}_state", seg_state, seg_dt)
+        init = triton_scan._chain_segments(seg_state, seg_dt, A, reverse=False)
+    launch(f"scan_{direction}", init=init, saved=states)
+    return out
+
+
+class CudaSelectiveScanFn(triton_scan.SelectiveScanFn):
+    """scan.cu's forward, then the Triton backward (inherited)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save):
+        u, delta, z = u.contiguous(), delta.contiguous(), z.contiguous()
+        B, C = triton_scan._aligned(B), triton_scan._aligned(C)
+        A, D_, bias = (t.float().contiguous() for t in (A, D, delta_bias))
+        states = None
+        if save:
+            states = torch.empty(u.shape[0], -(-u.shape[1] // CHUNK), u.shape[2], STATES, dtype=torch.float32,
+                                 device=u.device)
+        out = scan_forward(u, delta, A, B, C, D_, z, bias, bool(reverse), states)
+        if save:
+            triton_scan.SelectiveScanFn.save_context(ctx, (u, delta, A, B, C, D_, z, bias, states), D, delta_bias,
+                                                     delta_softplus, reverse)
+        return out
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """Same function as ``reference.selective_scan_reference``; scan.cu where it applies, else Triton's."""
+    if not supports(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return triton_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    save = needs_grad(u, delta, A, B, C, D, z, delta_bias)
+    return CudaSelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save)
+

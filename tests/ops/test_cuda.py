@@ -1,0 +1,233 @@
+"""The CUDA backend (caduceus/ops/cuda). scan.cu's kernel is also compiled for the CPU, with each warp run as 32
+threads and host stand-ins for the warp primitives, cp.async and the PTX math, so that its index arithmetic (walk
+blocks, reverse walks, time segments, the saved states) is checked wherever g++ is; the rest needs a GPU."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from caduceus import ops
+from caduceus.ops.reference import selective_scan_reference
+from tests.ops.checks import TOL, poison, rel
+
+SCAN_CU = Path(ops.__file__).parent / "cuda" / "scan.cu"
+CHUNK = 64
+
+HOST = r"""
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#define CADUCEUS_SCAN_HOST
+#define CHUNK %(chunk)d
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+struct uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+struct dim3 { int x, y, z; };
+thread_local dim3 threadIdx, blockIdx, gridDim;
+using std::min;
+static std::barrier<>* warp;
+static float lanes[32];
+inline void __syncwarp() { warp->arrive_and_wait(); }
+inline float __shfl_sync(unsigned, float v, int src) {
+    lanes[threadIdx.x] = v; warp->arrive_and_wait(); float r = lanes[src]; warp->arrive_and_wait(); return r; }
+inline float __shfl_xor_sync(unsigned mask, float v, int x) { return __shfl_sync(mask, v, threadIdx.x ^ x); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float ex2(float x) { return std::exp2(x); }
+inline float lg2(float x) { return std::log2(x); }
+inline float rcp(float x) { return 1.f / x; }
+inline unsigned short to_bf(float x) {  // round to nearest even, as cvt.rn.bf16.f32
+    unsigned u; std::memcpy(&u, &x, 4); return (u + 0x7fff + ((u >> 16) & 1)) >> 16; }
+inline void cp16(void* dst, const void* src, int bytes) {
+    if (bytes) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16); }
+inline void cp_commit() {}
+template <int P> inline void cp_wait() {}
+#include "%(source)s"
+#include <thread>
+#include <vector>
+template <bool REV, bool STATE_ONLY>
+void grid(const bf16_t* u, const bf16_t* dt, const float* A, const bf16_t* Bm, const bf16_t* Cm, const float* Dv,
+          const bf16_t* z, const float* bias, bf16_t* out, int L, int D, long long s_Bb, long long s_Bl,
+          long long s_Cb, long long s_Cl, int seg_blocks, float* seg_state, float* seg_dt, const float* init,
+          float* states, int batch, int n_seg) {
+    std::barrier<> b(32);
+    warp = &b;
+    for (int bz = 0; bz < n_seg; ++bz) for (int by = 0; by < batch; ++by) for (int bx = 0; bx < D / 16; ++bx) {
+        std::vector<std::thread> threads;
+        for (int lane = 0; lane < 32; ++lane) threads.emplace_back([=] {
+            threadIdx.x = lane; blockIdx = {bx, by, bz}; gridDim.z = n_seg;
+            scan_fwd<8, 16, 4, REV, STATE_ONLY>(u, dt, A, Bm, Cm, Dv, z, bias, out, L, D, s_Bb, s_Bl, s_Cb, s_Cl,
+                                                seg_blocks, seg_state, seg_dt, init, states);
+        });
+        for (auto& t : threads) t.join();
+    }
+}
+#define ENTRY(name, rev, state_only) extern "C" void name(const bf16_t* u, const bf16_t* dt, const float* A,      \
+    const bf16_t* Bm, const bf16_t* Cm, const float* Dv, const bf16_t* z, const float* bias, bf16_t* out, int L, \
+    int D, long long s_Bb, long long s_Bl, long long s_Cb, long long s_Cl, int seg_blocks, float* seg_state,       \
+    float* seg_dt, const float* init, float* states, int batch, int n_seg) {                                       \
+    grid<rev, state_only>(u, dt, A, Bm, Cm, Dv, z, bias, out, L, D, s_Bb, s_Bl, s_Cb, s_Cl, seg_blocks, seg_state, \
+                          seg_dt, init, states, batch, n_seg); }
+ENTRY(scan_fwd, false, false)
+ENTRY(scan_rev, true, false)
+ENTRY(scan_fwd_state, false, true)
+ENTRY(scan_rev_state, true, true)
+"""
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory) -> ctypes.CDLL:
+    if shutil.which("g++") is None:
+        pytest.skip("compiling scan.cu for the CPU needs g++")
+    tmp = tmp_path_factory.mktemp("scan_cu")
+    (tmp / "host.cpp").write_text(HOST % {"chunk": CHUNK, "source": SCAN_CU})
+    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", tmp / "host.so", tmp / "host.cpp",
+                    "-lpthread"], check=True)
+    return ctypes.CDLL(str(tmp / "host.so"))
+
+
+def scan_inputs(batch: int, length: int, dim: int, device: str = "cpu") -> list[torch.Tensor]:
+    """bf16 scan inputs as the model makes them: B and C slices of one x_proj output (rows 16-byte aligned), a
+    softplus input past its threshold of 20 in a few places."""
+    g = torch.Generator().manual_seed(batch * 1000 + length + dim)
+    bc = torch.randn(batch, length, 48, generator=g).bfloat16()
+    delta = torch.randn(batch, length, dim, generator=g) * 0.5
+    delta[0, length // 2, :3] = 30.0
+    xs = [torch.randn(batch, length, dim, generator=g).bfloat16(), delta.bfloat16(),
+          -torch.rand(dim, 16, generator=g) * 16 - 0.05, bc[..., 16:32], bc[..., 32:], torch.randn(dim, generator=g),
+          torch.randn(batch, length, dim, generator=g).bfloat16(), torch.rand(dim, generator=g) * 2 - 4]
+    return [x.to(device) for x in xs]
+
+
+def states_reference(u, delta, A, B, bias, reverse: bool) -> torch.Tensor:
+    """The state before every CHUNK-th walk step (b, chunks, d, n), float64: what the Triton backward reads."""
+    delta = delta.double() + bias.double()
+    dt = torch.where(delta > 20, delta, torch.nn.functional.softplus(delta))
+    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float64)
+    saved = []
+    for walk in range(u.shape[1]):
+        if walk % CHUNK == 0:
+            saved.append(h.clone())
+        t = u.shape[1] - 1 - walk if reverse else walk
+        drive = (dt[:, t] * u[:, t].double())[..., None] * B[:, t, None, :].double()
+        h = torch.exp(dt[:, t, :, None] * A.double()) * h + drive
+    return torch.stack(saved, 1)
+
+
+def chain_reference(seg_state: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """What each segment receives, in walk order: r[k + 1] = exp(A * seg_dt[k]) r[k] + seg_state[k], r[0] = 0."""
+    recv = torch.zeros_like(seg_state)
+    for k in range(1, seg_state.shape[1]):
+        recv[:, k] = torch.exp(seg_dt[:, k - 1, :, None] * A) * recv[:, k - 1] + seg_state[:, k - 1]
+    return recv
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+# one segment with a part block at the walk's end; 13 segments of one block; 5 segments of three blocks
+@pytest.mark.parametrize(("batch", "length", "dim", "seg_blocks"), [(2, 37, 32, 99), (1, 200, 16, 1),
+                                                                    (1, 200, 32, 3)])
+def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_blocks) -> None:
+    xs = scan_inputs(batch, length, dim)
+    u, delta, A, B, C, D, z, bias = xs
+    blocks = -(-length // 16)
+    n_seg = -(-blocks // seg_blocks)
+    out = torch.full_like(u, float("nan"))
+    states = torch.full((batch, -(-length // CHUNK), dim, 16), float("nan"))
+    seg_state, seg_dt = torch.full((batch, n_seg, dim, 16), float("nan")), torch.full((batch, n_seg, dim), 0.0)
+
+    def run(name: str, seg_state=None, seg_dt=None, init=None, saved=None) -> None:
+        pointers = [ctypes.c_void_p(t.data_ptr()) for t in (*xs, out)]
+        strides = (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
+        getattr(host_kernels, name)(*pointers, ctypes.c_int(length), ctypes.c_int(dim),
+                                    *(ctypes.c_longlong(s) for s in strides), ctypes.c_int(seg_blocks),
+                                    *(ctypes.c_void_p(0 if t is None else t.data_ptr())
+                                      for t in (seg_state, seg_dt, init, saved)),
+                                    ctypes.c_int(batch), ctypes.c_int(n_seg))
+
+    direction = "rev" if reverse else "fwd"
+    init = None
+    if n_seg > 1:
+        run(f"scan_{direction}_state", seg_state, seg_dt)
+        init = chain_reference(seg_state, seg_dt, A)
+    run(f"scan_{direction}", init=init, saved=states)
+    expected = selective_scan_reference(*(x.double() for x in xs), delta_softplus=True, reverse=reverse)
+    assert rel(out, expected) < TOL[torch.bfloat16]
+    assert rel(states, states_reference(u, delta, A, B, bias, reverse)) < 1e-5
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in ops.available_backends(),
+                         reason="the CUDA backend needs a CUDA GPU, Triton and NVRTC")
+
+
+@gpu
+def test_opt_in() -> None:
+    assert ops.get_backend("cuda").name == "triton"
+    with ops.use_backend("cuda"):
+        assert ops.get_backend("cuda").name == "cuda"
+
+
+@gpu
+@pytest.mark.parametrize("reverse", [False, True])
+# (1, 3000, 64) and (16, 700, 32) are cut into time segments; (64, 300, 256) is not (512 programs)
+@pytest.mark.parametrize(("batch", "length", "dim"), [(1, 1, 16), (3, 37, 32), (2, 1000, 64), (1, 3000, 64),
+                                                      (16, 700, 32), (64, 300, 256)])
+def test_selective_scan(reverse, batch, length, dim) -> None:
+    """Forward and every gradient against the float64 reference (bf16 bounds); the gradients come from the Triton
+    backward fed the states scan.cu saves."""
+    from caduceus.ops.cuda import selective_scan
+
+    xs = scan_inputs(batch, length, dim, "cuda")
+    leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+    refs = [x.detach().double().requires_grad_(True) for x in xs]
+    poison()
+    out = selective_scan(*leaves, delta_softplus=True, reverse=reverse)
+    expected = selective_scan_reference(*refs, delta_softplus=True, reverse=reverse)
+    assert rel(out, expected) < TOL[torch.bfloat16]
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(out.dtype))
+    expected.backward(grad)
+    for leaf, ref in zip(leaves, refs):
+        assert rel(leaf.grad, ref.grad) < TOL[torch.bfloat16]
+
+
+@gpu
+def test_other_calls_go_to_triton() -> None:
+    """fp32 inputs are not scan.cu's: the Triton kernels compute them, bit for bit."""
+    from caduceus.ops.cuda import selective_scan
+    from caduceus.ops.triton import selective_scan as triton_selective_scan
+
+    xs = [x.float() for x in scan_inputs(2, 300, 64, "cuda")]
+    assert torch.equal(selective_scan(*xs), triton_selective_scan(*xs))
+
+
+@gpu
+def test_model_trains_as_on_triton() -> None:
+    """A bf16 d_model 118 model (channels padded to 240): logits and every gradient as on the Triton backend."""
+    from caduceus.configuration import CaduceusModelConfig
+    from caduceus.modeling import CaduceusForMaskedLM
+
+    torch.manual_seed(0)
+    model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=118, n_layer=2)).to("cuda", torch.bfloat16)
+    ids = torch.randint(3, 11, (4, 1000), device="cuda")
+    results = {}
+    for backend in ("cuda", "triton"):
+        replica = copy.deepcopy(model)
+        poison()
+        with ops.use_backend(backend):
+            out = replica(ids, labels=ids)
+            out.loss.backward()
+        results[backend] = {"logits": out.logits, **{n: p.grad for n, p in replica.named_parameters()}}
+    for name, value in results["cuda"].items():
+        assert rel(value, results["triton"][name]) < TOL[torch.bfloat16], name

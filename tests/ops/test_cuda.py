@@ -206,6 +206,20 @@ def test_selective_scan(reverse, batch, length, dim) -> None:
 
 
 @gpu
+def test_misaligned_rows() -> None:
+    """Contiguous views 2 bytes off a 16-byte boundary (cp.async copies 16 aligned bytes) are copied first."""
+    from caduceus.ops.cuda import selective_scan
+
+    xs = scan_inputs(2, 300, 64, "cuda")
+    for i in (0, 1, 6):
+        flat = torch.empty(xs[i].numel() + 1, dtype=xs[i].dtype, device="cuda")
+        xs[i] = flat[1:].view(xs[i].shape).copy_(xs[i])
+        assert xs[i].data_ptr() % 16 != 0
+    expected = selective_scan_reference(*(x.double() for x in xs), delta_softplus=True)
+    assert rel(selective_scan(*xs), expected) < TOL[torch.bfloat16]
+
+
+@gpu
 def test_other_calls_go_to_triton() -> None:
     """fp32 inputs are not scan.cu's: the Triton kernels compute them, bit for bit."""
     from caduceus.ops.cuda import selective_scan

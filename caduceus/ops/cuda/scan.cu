@@ -75,7 +75,7 @@ __device__ __forceinline__ void scan_fwd(
     const int lane = threadIdx.x, c = lane / G, r = lane % G, n0 = r * NV;
     const int b = blockIdx.y, d0 = blockIdx.x * CH, d = d0 + c;
     // Blocks of T steps are aligned in walk order: walk block k holds time steps [k T, k T + T) forward, or
-    // (L - k T - T, L - k T] in reverse; only the last one runs past the sequence (zero rows, outputs not stored).
+    // [L - k T - T, L - k T) in reverse; only the last one runs past the sequence (zero rows, outputs not stored).
     const int all_blocks = (L + T - 1) / T, seg = blockIdx.z, k0 = seg * seg_blocks;
     auto block_start = [&](int k) { return REV ? L - (k + 1) * T : k * T; };  // the time of the block's row 0
     const int nblk = min(all_blocks - k0, seg_blocks);  // this segment's blocks: walk blocks k0 .. k0 + nblk - 1

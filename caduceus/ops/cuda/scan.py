@@ -29,11 +29,10 @@ CUT_BELOW, PROGRAMS = 512, 4096
 
 def nvrtc_path() -> str | None:
     """The NVRTC library of PyTorch's CUDA wheels, else one the loader finds by name (a CUDA toolkit)."""
-    site = Path(torch.__file__).parent.parent
-    for pattern in ("nvidia/*/lib/libnvrtc.so*",):
-        hits = [h for h in sorted(glob.glob(str(site / pattern))) if "builtins" not in h]
-        if hits:
-            return hits[0]
+    wheels = sorted(glob.glob(str(Path(torch.__file__).parent.parent / "nvidia" / "*" / "lib" / "libnvrtc.so*")))
+    wheels = [path for path in wheels if "builtins" not in path]
+    if wheels:
+        return wheels[0]
     major = (torch.version.cuda or "").split(".")[0]
     for name in (f"libnvrtc.so.{major}", "libnvrtc.so"):
         try:
@@ -114,7 +113,7 @@ def supports(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> bool:
         return False
     if any(t.dtype != torch.bfloat16 for t in (u, delta, B, C, z)):
         return False
-    return (A.shape[1] == STATES and u.shape[-1] % CHANNELS == 0 and u.shape[1] > 0
+    return (A.shape[1] == STATES and u.shape[-1] % CHANNELS == 0 and u.numel() > 0
             and triton_scan.BWD_CONFIG["chunk"] == CHUNK and torch.cuda.get_device_capability(u.device) >= (8, 0))
 
 
@@ -149,12 +148,17 @@ def scan_forward(u, delta, A, B, C, D, z, bias, reverse: bool, states: torch.Ten
     return out
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and 16-byte aligned, as scan.cu's row copies (cp.async, 16 bytes) need."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 class CudaSelectiveScanFn(triton_scan.SelectiveScanFn):
     """scan.cu's forward, then the Triton backward (inherited)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save):
-        u, delta, z = u.contiguous(), delta.contiguous(), z.contiguous()
+        u, delta, z = (_dense(t) for t in (u, delta, z))
         B, C = triton_scan._aligned(B), triton_scan._aligned(C)
         A, D_, bias = (t.float().contiguous() for t in (A, D, delta_bias))
         states = None

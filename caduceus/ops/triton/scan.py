@@ -1081,7 +1081,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     width dt_rank + 2N, such as 40 for d_model 118, are not)."""
     t = _rowwise(t)
     ok = t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 and t.data_ptr() % 16 == 0
-    return t if ok else t.contiguous()
+    return t if ok else t.clone(memory_format=torch.contiguous_format)  # a copy even of a contiguous view
 
 
 def _lanes_known(B: torch.Tensor, C: torch.Tensor, n: int, dim: int, bd: int, nv: int, num_warps: int,

@@ -1,8 +1,10 @@
-"""sm_90 machine code of the Triton scan kernels, compiled here without a GPU: registers, spills and, per loop,
-instructions and MUFU operations (what the kernels are tuned on, see caduceus/ops/triton/scan.py).
+"""sm_90 machine code of the Triton scan kernels (or, with ``--cuda``, of the CUDA backend's scan.cu), compiled here
+without a GPU: registers, spills and, per loop, instructions and MUFU operations (what the kernels are tuned on, see
+caduceus/ops/triton/scan.py).
 
     PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--dtype bfloat16]
                                                 [--set KEY=VALUE ...] [--file scan.py] [--sass DIR] [--arch 90]
+    PYTHONPATH=. python benchmarks/sass_scan.py --cuda [--arch 90] [--sass DIR]
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
 device (an H100: sm_90; ``--arch 75`` a T4, which the kernels must also compile for), and launches compile without
@@ -126,6 +128,46 @@ def loops(sass: str) -> list[tuple[int, tuple[int, int, int], list[tuple[int, tu
     return out
 
 
+def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None) -> None:
+    """Registers, spills and the loops' instruction and MUFU counts of one kernel's machine code."""
+    file = re.sub(r"[^A-Za-z0-9_=]+", "_", name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, file + ".cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+    if sass_dir:
+        os.makedirs(sass_dir, exist_ok=True)
+        with open(os.path.join(sass_dir, file + ".sass"), "w") as f:
+            f.write(sass)
+        if ptx is not None:
+            with open(os.path.join(sass_dir, file + ".ptx"), "w") as f:
+                f.write(ptx)
+    usage = {fn: (regs, stack) for fn, regs, stack in re.findall(r"Function (\w+):\s+REG:(\d+) STACK:(\d+)", usage)}
+    parts = re.split(r"\n\s*\.section\s+\.text\.(\w+)[^\n]*", sass)  # one section per kernel of the cubin
+    for fn, code in zip(parts[1::2], parts[2::2]):
+        regs, stack = usage[fn]
+        print(f"{name if len(usage) == 1 else fn}: {regs} registers, stack {stack} bytes")
+        for start, (count, mufu, run), blocks in loops(code):
+            if count >= 40:
+                print(f"  loop at {start:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a row)")
+                for block, (count, mufu, run) in blocks if len(blocks) > 1 else ():
+                    if count >= 40:
+                        print(f"    block at {block:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a "
+                              "row)")
+
+
+def report_cuda(arch: int, sass_dir: str | None) -> None:
+    """The CUDA backend's scan.cu, compiled by NVRTC (PyTorch's CUDA wheels bring it; on a CPU-only machine
+    ``pip install nvidia-cuda-nvrtc``), one cubin holding its four entry points."""
+    from caduceus.ops.cuda.scan import compile_cubin
+
+    report(f"scan.cu sm_{arch}", compile_cubin(arch), sass_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -136,36 +178,15 @@ def main() -> None:
     parser.add_argument("--file", help="compile this copy of scan.py instead of the package's")
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: H100)")
+    parser.add_argument("--cuda", action="store_true", help="the CUDA backend's scan.cu (NVRTC) instead")
     args = parser.parse_args()
+    if args.cuda:
+        report_cuda(args.arch, args.sass)
+        return
     kernels = compile_scan(args.batch, args.length, args.dim, path=args.file, dtype=getattr(torch, args.dtype),
                            settings=args.set, arch=args.arch)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, kernel in kernels.items():
-            file = re.sub(r"[^A-Za-z0-9_=]+", "_", name)
-            cubin = os.path.join(tmp, file + ".cubin")
-            with open(cubin, "wb") as f:
-                f.write(kernel.asm["cubin"])
-            usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", cubin],
-                                   capture_output=True, text=True, check=True).stdout
-            regs = re.search(r"REG:(\d+)", usage).group(1)
-            spill = re.search(r"STACK:(\d+)", usage).group(1)
-            sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
-                                  check=True).stdout
-            if args.sass:
-                os.makedirs(args.sass, exist_ok=True)
-                with open(os.path.join(args.sass, file + ".sass"), "w") as f:
-                    f.write(sass)
-                with open(os.path.join(args.sass, file + ".ptx"), "w") as f:
-                    f.write(kernel.asm["ptx"])
-            print(f"{name}: {regs} registers, stack {spill} bytes")
-            for start, (count, mufu, run), blocks in loops(sass):
-                if count >= 40:
-                    print(f"  loop at {start:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a row)")
-                    for block, (count, mufu, run) in blocks if len(blocks) > 1 else ():
-                        if count >= 40:
-                            print(f"    block at {block:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a "
-                                  "row)")
-
+    for name, kernel in kernels.items():
+        report(name, kernel.asm["cubin"], args.sass, kernel.asm["ptx"])
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,8 @@ its forward is 1.17x the Triton forward's speed at one 131k sequence (BENCHMARKS
 
 import torch
 
-if torch.version.cuda is None:
-    raise ImportError("the CUDA backend needs a CUDA build of PyTorch")
+if torch.version.hip is not None:
+    raise ImportError("the CUDA backend's kernel is written for NVIDIA GPUs; this is a ROCm build of PyTorch")
 
 from caduceus.ops import Backend, _load, register_backend  # noqa: E402
 from caduceus.ops.cuda.scan import nvrtc_path, selective_scan  # noqa: E402

@@ -24,7 +24,6 @@ entries, ``bwd_KEY`` BWD_CONFIG's: benchmarks/settings.py). Triton 3.6's interpr
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import os
 import sys
@@ -37,13 +36,11 @@ import torch  # noqa: E402
 from benchmarks.settings import add_settings_argument, apply_settings  # noqa: E402
 from caduceus.configuration import CaduceusModelConfig  # noqa: E402
 from caduceus.modeling import CaduceusForMaskedLM  # noqa: E402
-from caduceus.ops import reference, use_backend  # noqa: E402
+from caduceus.ops import reference  # noqa: E402
+from caduceus.ops.testing import TOLERANCE, relative_error, training_errors  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
 def poison() -> None:
     """Fill the allocator's free blocks with NaN so that unwritten output elements are caught (CUDA only)."""
     if DEVICE == "cpu":
@@ -59,14 +56,6 @@ def poison() -> None:
                 raise
             size = max(size // 2, 1 << 20)
     del blocks
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    denom = ref.norm()
-    return float((out - ref).norm() / denom) if denom > 0 else float((out - ref).norm())
 
 
 def scan_inputs(b: int, length: int, d: int, n: int, dtype: torch.dtype) -> dict:
@@ -100,13 +89,14 @@ def check_scan(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, g
     with torch.set_grad_enabled(grads):
         out = selective_scan(*leaves, delta_softplus=softplus, reverse=reverse)
         ref = reference.selective_scan_reference(*ref_leaves, delta_softplus=softplus, reverse=reverse)
-    errs = {"out": rel_err(out, ref)}
+    errs = {"out": relative_error(out, ref)}
     if grads:
         g = torch.randn_like(ref)
         poison()
         out.backward(g.to(out.dtype))
         ref.backward(g)
-        errs.update({f"d{k}": rel_err(a.grad, r.grad) for k, a, r in zip(NAMES, leaves, ref_leaves) if a is not None})
+        errs.update({f"d{k}": relative_error(a.grad, r.grad)
+                     for k, a, r in zip(NAMES, leaves, ref_leaves) if a is not None})
     return errs
 
 
@@ -122,7 +112,7 @@ def check_conv(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, s
     poison()
     out.backward(g.to(dtype))
     ref.backward(g)
-    return {"out": rel_err(out, ref), **{f"d{k}": rel_err(a.grad, r.grad)
+    return {"out": relative_error(out, ref), **{f"d{k}": relative_error(a.grad, r.grad)
                                          for k, a, r in zip(("x", "w", "b"), leaves, ref_leaves)}}
 
 
@@ -139,8 +129,9 @@ def check_norm(rows: int, width: int, dtype: torch.dtype, residual: bool) -> dic
     poison()
     torch.autograd.backward([out, summed], [g1.to(dtype), g2.to(dtype)])
     torch.autograd.backward([ref_out, ref_sum], [g1, g2])
-    errs = {"out": rel_err(out, ref_out), "sum": rel_err(summed, ref_sum)}
-    errs.update({f"d{k}": rel_err(a.grad, b.grad) for k, a, b in zip("xwr", leaves, ref_leaves) if a is not None})
+    errs = {"out": relative_error(out, ref_out), "sum": relative_error(summed, ref_sum)}
+    errs.update({f"d{k}": relative_error(a.grad, b.grad)
+                 for k, a, b in zip("xwr", leaves, ref_leaves) if a is not None})
     return errs
 
 
@@ -149,15 +140,7 @@ def check_model(batch: int, length: int, d_model: int, dtype: torch.dtype, rcps:
     parameter's gradient against the reference backend in float64, which pads nothing."""
     model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=d_model, n_layer=1, rcps=rcps))
     ids = torch.randint(3, 11, (batch, length), device=DEVICE)
-    results = {}
-    for backend, dt in (("triton", dtype), ("reference", torch.float64)):
-        replica = copy.deepcopy(model).to(DEVICE, dt)
-        poison()
-        with use_backend(backend):
-            out = replica(ids, labels=ids)
-            out.loss.backward()
-        results[backend] = {"logits": out.logits, **{n: p.grad for n, p in replica.named_parameters()}}
-    errs = {k: rel_err(v, results["reference"][k]) for k, v in results["triton"].items()}
+    errs = training_errors(model, ids, "triton", dtype, before=poison)
     worst = max(errs, key=errs.get)
     return {"logits": errs["logits"], f"worst ({worst.split('.', 3)[-1]})": errs[worst]}
 
@@ -208,7 +191,7 @@ def run(quick: bool, shard: int = 0, shards: int = 1, only: str | None = None) -
     for name, dtype, flag, shape, fn in cases[shard::shards]:
         errs = fn(*shape, dtype, flag)
         worst = max(errs.values())
-        ok = worst < TOL[dtype]  # NaN/inf compare False
+        ok = worst < TOLERANCE[dtype]  # NaN/inf compare False
         ok_all &= ok
         detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
         print(f"{'ok  ' if ok else 'FAIL'} {name:10s} {str(dtype)[6:]:8s} flag={flag!s:5s} {shape}: {detail}",

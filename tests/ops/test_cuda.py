@@ -4,7 +4,6 @@ blocks, reverse walks, time segments, the saved states) is checked wherever g++ 
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import shutil
 import subprocess
@@ -15,7 +14,8 @@ import torch
 
 from caduceus import ops
 from caduceus.ops.reference import selective_scan_reference
-from tests.ops.checks import TOL, poison, rel
+from caduceus.ops.testing import TOLERANCE, relative_error, training_errors
+from tests.ops.checks import poison
 
 SCAN_CU = Path(ops.__file__).parent / "cuda" / "scan.cu"
 CHUNK = 64
@@ -166,8 +166,8 @@ def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_block
         init = chain_reference(seg_state, seg_dt, A)
     run(f"scan_{direction}", init=init, saved=states)
     expected = selective_scan_reference(*(x.double() for x in xs), delta_softplus=True, reverse=reverse)
-    assert rel(out, expected) < TOL[torch.bfloat16]
-    assert rel(states, states_reference(u, delta, A, B, bias, reverse)) < 1e-5
+    assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
+    assert relative_error(states, states_reference(u, delta, A, B, bias, reverse)) < 1e-5
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in ops.available_backends(),
@@ -197,12 +197,12 @@ def test_selective_scan(reverse, batch, length, dim) -> None:
     poison()
     out = selective_scan(*leaves, delta_softplus=True, reverse=reverse)
     expected = selective_scan_reference(*refs, delta_softplus=True, reverse=reverse)
-    assert rel(out, expected) < TOL[torch.bfloat16]
+    assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
     grad = torch.randn_like(expected)
     out.backward(grad.to(out.dtype))
     expected.backward(grad)
     for leaf, ref in zip(leaves, refs):
-        assert rel(leaf.grad, ref.grad) < TOL[torch.bfloat16]
+        assert relative_error(leaf.grad, ref.grad) < TOLERANCE[torch.bfloat16]
 
 
 @gpu
@@ -216,7 +216,7 @@ def test_misaligned_rows() -> None:
         xs[i] = flat[1:].view(xs[i].shape).copy_(xs[i])
         assert xs[i].data_ptr() % 16 != 0
     expected = selective_scan_reference(*(x.double() for x in xs), delta_softplus=True)
-    assert rel(selective_scan(*xs), expected) < TOL[torch.bfloat16]
+    assert relative_error(selective_scan(*xs), expected) < TOLERANCE[torch.bfloat16]
 
 
 @gpu
@@ -236,15 +236,8 @@ def test_model_trains_as_on_triton() -> None:
     from caduceus.modeling import CaduceusForMaskedLM
 
     torch.manual_seed(0)
-    model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=118, n_layer=2)).to("cuda", torch.bfloat16)
+    model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=118, n_layer=2))
     ids = torch.randint(3, 11, (4, 1000), device="cuda")
-    results = {}
-    for backend in ("cuda", "triton"):
-        replica = copy.deepcopy(model)
-        poison()
-        with ops.use_backend(backend):
-            out = replica(ids, labels=ids)
-            out.loss.backward()
-        results[backend] = {"logits": out.logits, **{n: p.grad for n, p in replica.named_parameters()}}
-    for name, value in results["cuda"].items():
-        assert rel(value, results["triton"][name]) < TOL[torch.bfloat16], name
+    errors = training_errors(model, ids, "cuda", torch.bfloat16, "triton", torch.bfloat16, before=poison)
+    for name, error in errors.items():
+        assert error < TOLERANCE[torch.bfloat16], name

@@ -5,8 +5,6 @@ benchmarks/check_triton.py runs the long-sequence sweep; these are the quick cas
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -18,9 +16,10 @@ from caduceus import ops  # noqa: E402
 from caduceus.configuration import CaduceusModelConfig  # noqa: E402
 from caduceus.modeling import CaduceusForMaskedLM  # noqa: E402
 from caduceus.ops import reference  # noqa: E402
+from caduceus.ops.testing import TOLERANCE, relative_error, training_errors  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 from tests.conftest import REFERENCE_MODELS, load_reference  # noqa: E402
-from tests.ops.checks import TOL, poison, rel  # noqa: E402
+from tests.ops.checks import poison  # noqa: E402
 
 
 def test_registered_for_cuda() -> None:
@@ -98,14 +97,14 @@ def _check_scan(dtype: torch.dtype, reverse: bool, batch: int, length: int, dim:
     out = selective_scan(*leaves, delta_softplus=full, reverse=reverse)
     ref = reference.selective_scan_reference(*refs, delta_softplus=full, reverse=reverse)
     assert out.dtype == dtype
-    assert rel(out, ref) < TOL[dtype]
+    assert relative_error(out, ref) < TOLERANCE[dtype]
     grad = torch.randn_like(ref)
     poison()
     out.backward(grad.to(dtype))
     ref.backward(grad)
     for leaf, r in zip(leaves, refs):
         if leaf is not None:
-            assert rel(leaf.grad, r.grad) < TOL[dtype]
+            assert relative_error(leaf.grad, r.grad) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -121,7 +120,7 @@ def test_chain_segments(reverse, n_seg) -> None:
     for k in range(n_seg - 1, -1, -1) if reverse else range(n_seg):
         expected[:, k] = received
         received = torch.exp(seg_dt[:, k, :, None] * A) * received + seg[:, k]
-    assert rel(scan._chain_segments(seg, seg_dt, A, reverse), expected) < 1e-5
+    assert relative_error(scan._chain_segments(seg, seg_dt, A, reverse), expected) < 1e-5
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -141,13 +140,13 @@ def test_selective_scan_many_segments(reverse, monkeypatch) -> None:
     poison()
     out = selective_scan(*leaves[:7], delta_bias=leaves[7], reverse=reverse)
     ref = reference.selective_scan_reference(*refs[:7], delta_bias=refs[7], delta_softplus=True, reverse=reverse)
-    assert rel(out, ref) < TOL[torch.float32]
+    assert relative_error(out, ref) < TOLERANCE[torch.float32]
     grad = torch.randn_like(ref)
     poison()
     out.backward(grad.float())
     ref.backward(grad)
     for leaf, r in zip(leaves, refs):
-        assert rel(leaf.grad, r.grad) < TOL[torch.float32]
+        assert relative_error(leaf.grad, r.grad) < TOLERANCE[torch.float32]
 
 
 def test_selective_scan_saves_no_states_without_grad() -> None:
@@ -184,7 +183,7 @@ def test_causal_conv1d(dtype, reverse, silu, dim, width) -> None:
     poison()
     out = causal_conv1d(*leaves, reverse, silu)
     ref = reference.causal_conv1d_reference(*refs, reverse, silu)
-    assert rel(out, ref) < TOL[dtype]
+    assert relative_error(out, ref) < TOLERANCE[dtype]
     with torch.no_grad():
         assert torch.equal(causal_conv1d(x, w, b, reverse, silu), out)
     grad = torch.randn_like(ref)
@@ -192,7 +191,7 @@ def test_causal_conv1d(dtype, reverse, silu, dim, width) -> None:
     out.backward(grad.to(dtype))
     ref.backward(grad)
     for leaf, r in zip(leaves, refs):
-        assert rel(leaf.grad, r.grad) < TOL[dtype]
+        assert relative_error(leaf.grad, r.grad) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -206,13 +205,13 @@ def test_rms_norm(dtype, residual) -> None:
     poison()
     out, summed = rms_norm(leaves[0], leaves[1], leaves[2])
     ref_out, ref_sum = reference.rms_norm_reference(refs[0], refs[1], refs[2])
-    assert rel(out, ref_out) < TOL[dtype] and rel(summed, ref_sum) < TOL[dtype]
+    assert relative_error(out, ref_out) < TOLERANCE[dtype] and relative_error(summed, ref_sum) < TOLERANCE[dtype]
     g1, g2 = torch.randn_like(ref_out), torch.randn_like(ref_sum)
     torch.autograd.backward([out, summed], [g1.to(dtype), g2.to(dtype)])
     torch.autograd.backward([ref_out, ref_sum], [g1, g2])
     for leaf, r in zip(leaves, refs):
         if leaf is not None:
-            assert rel(leaf.grad, r.grad) < TOL[dtype]
+            assert relative_error(leaf.grad, r.grad) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
@@ -223,25 +222,17 @@ def test_published_fixtures_on_cuda(name: str) -> None:
     poison()
     with torch.no_grad():
         out = model(expected["input_ids"].cuda(), output_hidden_states=True)
-    assert rel(out.logits, expected["logits"].cuda()) <= TOL[torch.float32]
-    assert rel(out.last_hidden_state, expected["last_hidden_state"].cuda()) <= TOL[torch.float32]
+    assert relative_error(out.logits, expected["logits"].cuda()) <= TOLERANCE[torch.float32]
+    assert relative_error(out.last_hidden_state, expected["last_hidden_state"].cuda()) <= TOLERANCE[torch.float32]
     for i, hidden in enumerate(out.hidden_states):
-        assert rel(hidden, expected[f"hidden_states.{i}"].cuda()) <= TOL[torch.float32], i
+        assert relative_error(hidden, expected[f"hidden_states.{i}"].cuda()) <= TOLERANCE[torch.float32], i
 
 
 def _assert_trains_as_reference(model: torch.nn.Module, ids: torch.Tensor) -> None:
     """A training step of ``model`` on the Triton backend (fp32) gives the logits and every gradient of the float64
     reference backend."""
-    results = {}
-    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
-        replica = copy.deepcopy(model).to("cuda", dtype)
-        poison()
-        with ops.use_backend(backend):
-            out = replica(ids, labels=ids)
-            out.loss.backward()
-        results[backend] = {"logits": out.logits, **{n: p.grad for n, p in replica.named_parameters()}}
-    for name, value in results["triton"].items():
-        assert rel(value, results["reference"][name]) < TOL[torch.float32], name
+    for name, error in training_errors(model, ids, "triton", torch.float32, before=poison).items():
+        assert error < TOLERANCE[torch.float32], name
 
 
 @pytest.mark.parametrize("name", REFERENCE_MODELS)

@@ -41,6 +41,8 @@ from caduceus.ops.testing import TOLERANCE, relative_error, training_errors  # n
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
 def poison() -> None:
     """Fill the allocator's free blocks with NaN so that unwritten output elements are caught (CUDA only)."""
     if DEVICE == "cpu":
@@ -113,7 +115,7 @@ def check_conv(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, s
     out.backward(g.to(dtype))
     ref.backward(g)
     return {"out": relative_error(out, ref), **{f"d{k}": relative_error(a.grad, r.grad)
-                                         for k, a, r in zip(("x", "w", "b"), leaves, ref_leaves)}}
+                                                for k, a, r in zip(("x", "w", "b"), leaves, ref_leaves)}}
 
 
 def check_norm(rows: int, width: int, dtype: torch.dtype, residual: bool) -> dict[str, float]:

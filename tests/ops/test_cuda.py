@@ -58,32 +58,21 @@ template <int P> inline void cp_wait() {}
 #include <thread>
 #include <vector>
 template <bool REV, bool STATE_ONLY>
-void grid(const bf16_t* u, const bf16_t* dt, const float* A, const bf16_t* Bm, const bf16_t* Cm, const float* Dv,
-          const bf16_t* z, const float* bias, bf16_t* out, int L, int D, long long s_Bb, long long s_Bl,
-          long long s_Cb, long long s_Cl, int seg_blocks, float* seg_state, float* seg_dt, const float* init,
-          float* states, int batch, int n_seg) {
+void grid(SCAN_ARGS, int batch, int n_seg) {
     std::barrier<> b(32);
     warp = &b;
     for (int bz = 0; bz < n_seg; ++bz) for (int by = 0; by < batch; ++by) for (int bx = 0; bx < D / 16; ++bx) {
         std::vector<std::thread> threads;
         for (int lane = 0; lane < 32; ++lane) threads.emplace_back([=] {
             threadIdx.x = lane; blockIdx = {bx, by, bz}; gridDim.z = n_seg;
-            scan_fwd<8, 16, 4, REV, STATE_ONLY>(u, dt, A, Bm, Cm, Dv, z, bias, out, L, D, s_Bb, s_Bl, s_Cb, s_Cl,
-                                                seg_blocks, seg_state, seg_dt, init, states);
+            scan_fwd<SCAN_TILES, REV, STATE_ONLY>(SCAN_CALL);
         });
         for (auto& t : threads) t.join();
     }
 }
-#define ENTRY(name, rev, state_only) extern "C" void name(const bf16_t* u, const bf16_t* dt, const float* A,      \
-    const bf16_t* Bm, const bf16_t* Cm, const float* Dv, const bf16_t* z, const float* bias, bf16_t* out, int L, \
-    int D, long long s_Bb, long long s_Bl, long long s_Cb, long long s_Cl, int seg_blocks, float* seg_state,       \
-    float* seg_dt, const float* init, float* states, int batch, int n_seg) {                                       \
-    grid<rev, state_only>(u, dt, A, Bm, Cm, Dv, z, bias, out, L, D, s_Bb, s_Bl, s_Cb, s_Cl, seg_blocks, seg_state, \
-                          seg_dt, init, states, batch, n_seg); }
-ENTRY(scan_fwd, false, false)
-ENTRY(scan_rev, true, false)
-ENTRY(scan_fwd_state, false, true)
-ENTRY(scan_rev_state, true, true)
+#define ENTRY(name, rev, state_only) \
+    extern "C" void name(SCAN_ARGS, int batch, int n_seg) { grid<rev, state_only>(SCAN_CALL, batch, n_seg); }
+SCAN_ENTRY_POINTS(ENTRY)
 """
 
 

@@ -4,13 +4,8 @@ the norm). Opt-in (``ops.set_backend("cuda")`` or ``CADUCEUS_BACKEND=cuda``); Tr
 its forward is 1.17x the Triton forward's speed at one 131k sequence (BENCHMARKS.md).
 """
 
-import torch
-
-if torch.version.hip is not None:
-    raise ImportError("the CUDA backend's kernel is written for NVIDIA GPUs; this is a ROCm build of PyTorch")
-
-from caduceus.ops import Backend, _load, register_backend  # noqa: E402
-from caduceus.ops.cuda.scan import nvrtc_path, selective_scan  # noqa: E402
+from caduceus.ops import Backend, _load, register_backend
+from caduceus.ops.cuda.scan import nvrtc_path, selective_scan  # on ROCm builds the Triton package refuses to import
 
 triton_backend = _load("triton")
 if triton_backend is None:

@@ -197,17 +197,20 @@ __device__ __forceinline__ void scan_fwd(
     }
 }
 
-#ifndef CADUCEUS_SCAN_HOST
+// The entry points: their arguments, the tiles they are compiled with, and their names (scan.py loads them by name;
+// the CPU test builds its own entry points from the same macros).
 #define SCAN_ARGS const bf16_t* u, const bf16_t* dt, const float* A, const bf16_t* Bm, const bf16_t* Cm,        \
     const float* Dv, const bf16_t* z, const float* bias, bf16_t* out, int L, int D, long long s_Bb,          \
     long long s_Bl, long long s_Cb, long long s_Cl, int seg_blocks, float* seg_state, float* seg_dt,         \
     const float* init, float* states
 #define SCAN_CALL u, dt, A, Bm, Cm, Dv, z, bias, out, L, D, s_Bb, s_Bl, s_Cb, s_Cl, seg_blocks, seg_state, seg_dt, \
     init, states
+#define SCAN_TILES 8, 16, 4  // NV, T, S
+#define SCAN_ENTRY_POINTS(X) \
+    X(scan_fwd, false, false) X(scan_rev, true, false) X(scan_fwd_state, false, true) X(scan_rev_state, true, true)
+
+#ifndef CADUCEUS_SCAN_HOST
 #define SCAN_KERNEL(name, rev, state_only) \
-    extern "C" __global__ void __launch_bounds__(32) name(SCAN_ARGS) { scan_fwd<8, 16, 4, rev, state_only>(SCAN_CALL); }
-SCAN_KERNEL(scan_fwd, false, false)
-SCAN_KERNEL(scan_rev, true, false)
-SCAN_KERNEL(scan_fwd_state, false, true)
-SCAN_KERNEL(scan_rev_state, true, true)
+    extern "C" __global__ void __launch_bounds__(32) name(SCAN_ARGS) { scan_fwd<SCAN_TILES, rev, state_only>(SCAN_CALL); }
+SCAN_ENTRY_POINTS(SCAN_KERNEL)
 #endif

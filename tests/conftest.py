@@ -15,7 +15,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max |e| (absolute error where e is all zero); NaN anywhere gives inf, so it never passes."""
     if not torch.isfinite(actual).all():
         return float("inf")

@@ -6,7 +6,7 @@ import torch
 
 from caduceus import ops
 from caduceus.ops import cpu, reference
-from tests.conftest import relative_error
+from tests.conftest import max_relative_error
 
 
 def scan_inputs(batch, length, dim, n_state=16, dtype=torch.float64, seed=0):
@@ -44,9 +44,9 @@ def test_fast_scan_matches_float64_reference(scan_engine, shape, reverse):
     expected, expected_grads = run_with_grads(reference.selective_scan_reference, inputs, torch.float64, reverse)
     actual, grads = run_with_grads(cpu.selective_scan, inputs, torch.float32, reverse)
     assert actual.dtype == torch.float32
-    assert relative_error(actual, expected) <= 1e-5
+    assert max_relative_error(actual, expected) <= 1e-5
     for name, grad in grads.items():
-        assert relative_error(grad, expected_grads[name]) <= 1e-5, name
+        assert max_relative_error(grad, expected_grads[name]) <= 1e-5, name
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -82,11 +82,11 @@ def test_inference_kernel_matches_float64_reference(scan_engine, shape, reverse)
             actual = cpu.selective_scan(**{k: v.float() for k, v in kept.items()}, reverse=reverse)
         expected = reference.selective_scan_reference(**kept, reverse=reverse)
         assert torch.isfinite(actual).all()
-        assert relative_error(actual, expected) <= 1e-5, drop
+        assert max_relative_error(actual, expected) <= 1e-5, drop
     positive = dict(inputs, delta=inputs["delta"].abs() / 10, delta_bias=inputs["delta_bias"].abs())
     with torch.no_grad():
         actual = cpu.selective_scan(**{k: v.float() for k, v in positive.items()}, delta_softplus=False)
-    assert relative_error(actual, reference.selective_scan_reference(**positive, delta_softplus=False)) <= 1e-5
+    assert max_relative_error(actual, reference.selective_scan_reference(**positive, delta_softplus=False)) <= 1e-5
 
 
 def test_numba_elementwise_functions_match_libm():
@@ -117,16 +117,16 @@ def test_optional_operands_and_bfloat16():
         partial = {k: v for k, v in inputs.items() if k != drop}
         expected = reference.selective_scan_reference(**partial)
         actual = cpu.selective_scan(**{k: v.float() for k, v in partial.items()})
-        assert relative_error(actual, expected) <= 1e-5, drop
+        assert max_relative_error(actual, expected) <= 1e-5, drop
     bf16 = cpu.selective_scan(**{k: v.to(torch.bfloat16) if v.dim() == 3 else v.float() for k, v in inputs.items()})
     assert bf16.dtype == torch.bfloat16
-    assert relative_error(bf16, reference.selective_scan_reference(**inputs)) <= 2e-2
+    assert max_relative_error(bf16, reference.selective_scan_reference(**inputs)) <= 2e-2
 
 
 def test_reverse_equals_flipped_forward():
     inputs = scan_inputs(1, 50, 8, dtype=torch.float32)
     flipped = {k: v.flip(1) if v.dim() == 3 else v for k, v in inputs.items()}
-    assert relative_error(cpu.selective_scan(**inputs, reverse=True),
+    assert max_relative_error(cpu.selective_scan(**inputs, reverse=True),
                           cpu.selective_scan(**flipped).flip(1)) <= 1e-6
 
 
@@ -137,14 +137,14 @@ def test_conv_matches_reference_with_gradients(reverse):
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
     expected = reference.causal_conv1d_reference(x, w, b, reverse)
     actual = cpu.causal_conv1d(x, w, b, reverse)
-    assert relative_error(actual, expected) <= 1e-12
+    assert max_relative_error(actual, expected) <= 1e-12
     g = torch.randn_like(expected)
     grads_expected = torch.autograd.grad(expected, (x, w, b), g)
     grads_actual = torch.autograd.grad(actual, (x, w, b), g)
     for a, e in zip(grads_actual, grads_expected, strict=True):
-        assert relative_error(a, e) <= 1e-12
+        assert max_relative_error(a, e) <= 1e-12
     short = torch.randn(1, 2, 6, dtype=torch.float64)  # shorter than the kernel
-    assert relative_error(cpu.causal_conv1d(short, w, None, reverse),
+    assert max_relative_error(cpu.causal_conv1d(short, w, None, reverse),
                           reference.causal_conv1d_reference(short, w, None, reverse)) <= 1e-12
 
 
@@ -165,7 +165,7 @@ def test_inference_conv_matches_reference(reverse, with_bias, silu, shape):
     with torch.no_grad():
         actual = ops.causal_conv1d(x.float(), w.float(), None if b is None else b.float(), reverse, silu)
     assert actual.dtype == torch.float32
-    assert relative_error(actual, expected) <= 1e-6
+    assert max_relative_error(actual, expected) <= 1e-6
 
 
 def test_rms_norm_fused_add():
@@ -173,7 +173,7 @@ def test_rms_norm_fused_add():
     normed, summed = ops.rms_norm(x, w, r)
     assert torch.equal(summed, x + r)
     expected = (x + r) / ((x + r).pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w
-    assert relative_error(normed, expected) <= 1e-6
+    assert max_relative_error(normed, expected) <= 1e-6
 
 
 def test_dispatch_picks_and_forces_backends(monkeypatch):

@@ -31,6 +31,7 @@ from triton.testing import do_bench
 from benchmarks.settings import add_settings_argument, apply_settings
 from caduceus import ops
 from caduceus.ops import use_backend
+from caduceus.ops.testing import scan_inputs
 from caduceus.ops.triton import scan as triton_scan
 
 EXP2_ITERS = 512
@@ -64,19 +65,9 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def scan_args(b: int, length: int, d: int, n: int = 16, dtype: torch.dtype = torch.bfloat16) -> list:
-    """Scan inputs as the model produces them (u, delta, z separate (b, l, d); B, C slices of one x_proj output)."""
-    dev = "cuda"
-    bc = torch.randn(b, length, 2 * n + 16, device=dev, dtype=dtype)
-    return [
-        torch.randn(b, length, d, device=dev, dtype=dtype),
-        (torch.randn(b, length, d, device=dev) * 0.5).to(dtype),
-        -torch.rand(d, n, device=dev) * n - 0.05,
-        bc[..., 16:16 + n], bc[..., 16 + n:],
-        torch.randn(d, device=dev),
-        torch.randn(b, length, d, device=dev, dtype=dtype),
-        torch.full((d,), -4.0, device=dev),
-    ]
+def scan_args(b: int, length: int, d: int, n: int = 16) -> list[torch.Tensor]:
+    """bf16 scan inputs as the model produces them, in selective_scan's argument order."""
+    return list(scan_inputs(b, length, d, n_state=n, device="cuda").values())
 
 
 def bench_scan(b: int, length: int, d: int, exp_rate: float, bandwidth: float, n: int = 16,

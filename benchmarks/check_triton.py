@@ -37,7 +37,7 @@ from benchmarks.settings import add_settings_argument, apply_settings  # noqa: E
 from caduceus.configuration import CaduceusModelConfig  # noqa: E402
 from caduceus.modeling import CaduceusForMaskedLM  # noqa: E402
 from caduceus.ops import reference  # noqa: E402
-from caduceus.ops.testing import TOLERANCE, relative_error, training_errors  # noqa: E402
+from caduceus.ops.testing import TOLERANCE, relative_error, scan_errors, scan_inputs, training_errors  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -60,46 +60,13 @@ def poison() -> None:
     del blocks
 
 
-def scan_inputs(b: int, length: int, d: int, n: int, dtype: torch.dtype) -> dict:
-    """Realistic magnitudes: dt biased as in Mamba's init, strided u/delta/z/B/C views as the model passes them."""
-    xz = torch.randn(b, length, 3 * d, device=DEVICE).to(dtype)
-    bc = torch.randn(b, length, 2 * n + 8, device=DEVICE).to(dtype)
-    dt = torch.exp(torch.rand(d, device=DEVICE) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
-                   + torch.log(torch.tensor(1e-3)))
-    return {
-        "u": xz[..., :d], "delta": (xz[..., d:2 * d].float() * 0.5).to(dtype), "z": xz[..., 2 * d:],
-        "B": bc[..., 8:8 + n], "C": bc[..., 8 + n:],
-        "A": -torch.rand(d, n, device=DEVICE) * n - 0.05,
-        "D": torch.randn(d, device=DEVICE),
-        "delta_bias": dt + torch.log(-torch.expm1(-dt)),
-    }
-
-
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
 def check_scan(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, grads: bool,
                variant: str = "full") -> dict[str, float]:
-    inp = scan_inputs(b, length, d, 16, dtype)
-    if variant == "plain":  # no D, z or bias, no softplus: delta is then the (positive) step itself
-        inp.update(D=None, z=None, delta_bias=None, delta=(inp["delta"].float().abs() * 0.1).to(dtype))
-    softplus = variant != "plain"
-    args = [inp[k] for k in NAMES]
-    leaves = [a.detach().clone().requires_grad_(grads) if a is not None else None for a in args]
-    ref_leaves = [a.detach().double().requires_grad_(grads) if a is not None else None for a in args]
-    poison()
-    with torch.set_grad_enabled(grads):
-        out = selective_scan(*leaves, delta_softplus=softplus, reverse=reverse)
-        ref = reference.selective_scan_reference(*ref_leaves, delta_softplus=softplus, reverse=reverse)
-    errs = {"out": relative_error(out, ref)}
-    if grads:
-        g = torch.randn_like(ref)
-        poison()
-        out.backward(g.to(out.dtype))
-        ref.backward(g)
-        errs.update({f"d{k}": relative_error(a.grad, r.grad)
-                     for k, a, r in zip(NAMES, leaves, ref_leaves) if a is not None})
-    return errs
+    """u, delta and z slices of one tensor and B, C of another (dt_rank 8, as at d_model 118); "plain": no D, z,
+    bias or softplus."""
+    inputs = scan_inputs(b, length, d, dtype, device=DEVICE, full=variant == "full", shared_rows=True, dt_rank=8,
+                         seed=length + d)
+    return scan_errors(selective_scan, inputs, reverse, grads, before=poison)
 
 
 def check_conv(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, silu: bool) -> dict[str, float]:

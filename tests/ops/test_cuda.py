@@ -14,7 +14,7 @@ import torch
 
 from caduceus import ops
 from caduceus.ops.reference import selective_scan_reference
-from caduceus.ops.testing import TOLERANCE, relative_error, training_errors
+from caduceus.ops.testing import TOLERANCE, relative_error, scan_errors, scan_inputs, training_errors
 from tests.ops.checks import poison
 
 SCAN_CU = Path(ops.__file__).parent / "cuda" / "scan.cu"
@@ -90,17 +90,12 @@ def host_kernels(tmp_path_factory) -> ctypes.CDLL:
     return ctypes.CDLL(str(tmp / "host.so"))
 
 
-def scan_inputs(batch: int, length: int, dim: int, device: str = "cpu") -> list[torch.Tensor]:
-    """bf16 scan inputs as the model makes them: B and C slices of one x_proj output (rows 16-byte aligned), a
-    softplus input past its threshold of 20 in a few places."""
-    g = torch.Generator().manual_seed(batch * 1000 + length + dim)
-    bc = torch.randn(batch, length, 48, generator=g).bfloat16()
-    delta = torch.randn(batch, length, dim, generator=g) * 0.5
-    delta[0, length // 2, :3] = 30.0
-    xs = [torch.randn(batch, length, dim, generator=g).bfloat16(), delta.bfloat16(),
-          -torch.rand(dim, 16, generator=g) * 16 - 0.05, bc[..., 16:32], bc[..., 32:], torch.randn(dim, generator=g),
-          torch.randn(batch, length, dim, generator=g).bfloat16(), torch.rand(dim, generator=g) * 2 - 4]
-    return [x.to(device) for x in xs]
+def bf16_inputs(batch: int, length: int, dim: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """scan_inputs in bf16 (B and C rows 16-byte aligned, as cp.async needs) with a softplus input past its
+    threshold of 20 in a few places."""
+    inputs = scan_inputs(batch, length, dim, device=device, seed=batch * 1000 + length + dim)
+    inputs["delta"][0, length // 2, :3] = 30.0
+    return inputs
 
 
 def states_reference(u, delta, A, B, bias, reverse: bool) -> torch.Tensor:
@@ -131,7 +126,7 @@ def chain_reference(seg_state: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tens
 @pytest.mark.parametrize(("batch", "length", "dim", "seg_blocks"), [(2, 37, 32, 99), (1, 200, 16, 1),
                                                                     (1, 200, 32, 3)])
 def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_blocks) -> None:
-    xs = scan_inputs(batch, length, dim)
+    xs = list(bf16_inputs(batch, length, dim).values())
     u, delta, A, B, C, D, z, bias = xs
     blocks = -(-length // 16)
     n_seg = -(-blocks // seg_blocks)
@@ -180,18 +175,8 @@ def test_selective_scan(reverse, batch, length, dim) -> None:
     backward fed the states scan.cu saves."""
     from caduceus.ops.cuda import selective_scan
 
-    xs = scan_inputs(batch, length, dim, "cuda")
-    leaves = [x.detach().clone().requires_grad_(True) for x in xs]
-    refs = [x.detach().double().requires_grad_(True) for x in xs]
-    poison()
-    out = selective_scan(*leaves, delta_softplus=True, reverse=reverse)
-    expected = selective_scan_reference(*refs, delta_softplus=True, reverse=reverse)
-    assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
-    grad = torch.randn_like(expected)
-    out.backward(grad.to(out.dtype))
-    expected.backward(grad)
-    for leaf, ref in zip(leaves, refs):
-        assert relative_error(leaf.grad, ref.grad) < TOLERANCE[torch.bfloat16]
+    errors = scan_errors(selective_scan, bf16_inputs(batch, length, dim, "cuda"), reverse, before=poison)
+    assert max(errors.values()) < TOLERANCE[torch.bfloat16], errors
 
 
 @gpu
@@ -199,7 +184,7 @@ def test_misaligned_rows() -> None:
     """Contiguous views 2 bytes off a 16-byte boundary (cp.async copies 16 aligned bytes) are copied first."""
     from caduceus.ops.cuda import selective_scan
 
-    xs = scan_inputs(2, 300, 64, "cuda")
+    xs = list(bf16_inputs(2, 300, 64, "cuda").values())
     for i in (0, 1, 6):
         flat = torch.empty(xs[i].numel() + 1, dtype=xs[i].dtype, device="cuda")
         xs[i] = flat[1:].view(xs[i].shape).copy_(xs[i])
@@ -214,7 +199,7 @@ def test_other_calls_go_to_triton() -> None:
     from caduceus.ops.cuda import selective_scan
     from caduceus.ops.triton import selective_scan as triton_selective_scan
 
-    xs = [x.float() for x in scan_inputs(2, 300, 64, "cuda")]
+    xs = [x.float() for x in bf16_inputs(2, 300, 64, "cuda").values()]
     assert torch.equal(selective_scan(*xs), triton_selective_scan(*xs))
 
 

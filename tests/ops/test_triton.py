@@ -16,7 +16,7 @@ from caduceus import ops  # noqa: E402
 from caduceus.configuration import CaduceusModelConfig  # noqa: E402
 from caduceus.modeling import CaduceusForMaskedLM  # noqa: E402
 from caduceus.ops import reference  # noqa: E402
-from caduceus.ops.testing import TOLERANCE, relative_error, training_errors  # noqa: E402
+from caduceus.ops.testing import TOLERANCE, relative_error, scan_errors, scan_inputs, training_errors  # noqa: E402
 from caduceus.ops.triton import causal_conv1d, rms_norm, scan, selective_scan  # noqa: E402
 from tests.conftest import REFERENCE_MODELS, load_reference  # noqa: E402
 from tests.ops.checks import poison  # noqa: E402
@@ -81,30 +81,12 @@ def test_selective_scan_backward_settings(config, reverse, batch, length, dim, m
 
 
 def _check_scan(dtype: torch.dtype, reverse: bool, batch: int, length: int, dim: int, full: bool) -> None:
-    """Output and every gradient against the float64 reference, inputs laid out as the model passes them."""
-    torch.manual_seed(length + dim)
-    n = 16
-    xz = torch.randn(batch, length, 3 * dim, device="cuda").to(dtype)
-    bc = torch.randn(batch, length, 2 * n + 4, device="cuda").to(dtype)
-    raw = xz[..., dim:2 * dim].float()
-    delta = raw * 0.5 if full else raw.abs() * 0.1  # without softplus delta is the step itself: positive
-    args = [xz[..., :dim], delta.to(dtype), -torch.rand(dim, n, device="cuda") * n,
-            bc[..., 4:4 + n], bc[..., 4 + n:], torch.randn(dim, device="cuda") if full else None,
-            xz[..., 2 * dim:] if full else None, torch.randn(dim, device="cuda") - 3 if full else None]
-    leaves = [a.detach().clone().requires_grad_(True) if a is not None else None for a in args]
-    refs = [a.detach().double().requires_grad_(True) if a is not None else None for a in args]
-    poison()
-    out = selective_scan(*leaves, delta_softplus=full, reverse=reverse)
-    ref = reference.selective_scan_reference(*refs, delta_softplus=full, reverse=reverse)
-    assert out.dtype == dtype
-    assert relative_error(out, ref) < TOLERANCE[dtype]
-    grad = torch.randn_like(ref)
-    poison()
-    out.backward(grad.to(dtype))
-    ref.backward(grad)
-    for leaf, r in zip(leaves, refs):
-        if leaf is not None:
-            assert relative_error(leaf.grad, r.grad) < TOLERANCE[dtype]
+    """Output and every gradient against the float64 reference; u, delta and z slices of one tensor, and B and C
+    rows 8 bytes off a 16-byte boundary in bf16 (dt_rank 4): the kernels' strided, unaligned loads."""
+    inputs = scan_inputs(batch, length, dim, dtype, device="cuda", full=full, shared_rows=True, dt_rank=4,
+                         seed=length + dim)
+    errors = scan_errors(selective_scan, inputs, reverse, before=poison)
+    assert max(errors.values()) < TOLERANCE[dtype], errors
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -129,24 +111,9 @@ def test_selective_scan_many_segments(reverse, monkeypatch) -> None:
     for config in (scan.FWD_CONFIG, scan.BWD_CONFIG):
         monkeypatch.setitem(config, "cut_below", 1 << 30)
         monkeypatch.setitem(config, "programs", 80)
-    torch.manual_seed(40)
-    batch, length, dim, n = 1, 40 * scan.BWD_CONFIG["chunk"], 32, 16
-    args = [torch.randn(batch, length, dim, device="cuda"), torch.randn(batch, length, dim, device="cuda") * 0.5,
-            -torch.rand(dim, n, device="cuda") * n, torch.randn(batch, length, n, device="cuda"),
-            torch.randn(batch, length, n, device="cuda"), torch.randn(dim, device="cuda"),
-            torch.randn(batch, length, dim, device="cuda"), torch.randn(dim, device="cuda") - 3]
-    leaves = [a.clone().requires_grad_(True) for a in args]
-    refs = [a.double().requires_grad_(True) for a in args]
-    poison()
-    out = selective_scan(*leaves[:7], delta_bias=leaves[7], reverse=reverse)
-    ref = reference.selective_scan_reference(*refs[:7], delta_bias=refs[7], delta_softplus=True, reverse=reverse)
-    assert relative_error(out, ref) < TOLERANCE[torch.float32]
-    grad = torch.randn_like(ref)
-    poison()
-    out.backward(grad.float())
-    ref.backward(grad)
-    for leaf, r in zip(leaves, refs):
-        assert relative_error(leaf.grad, r.grad) < TOLERANCE[torch.float32]
+    inputs = scan_inputs(1, 40 * scan.BWD_CONFIG["chunk"], 32, torch.float32, device="cuda", seed=40)
+    errors = scan_errors(selective_scan, inputs, reverse, before=poison)
+    assert max(errors.values()) < TOLERANCE[torch.float32], errors
 
 
 def test_selective_scan_saves_no_states_without_grad() -> None:

@@ -33,12 +33,10 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def pad_channels(t: torch.Tensor, pad: int, dim: int = 0, value: float = 0.0) -> torch.Tensor:
-    """``t`` with ``pad`` more entries of ``value`` along ``dim``."""
+    """``t`` with ``pad`` more entries of ``value`` along ``dim`` (one op: the model pads its weights every call)."""
     if pad == 0:
         return t
-    shape = list(t.shape)
-    shape[dim] = pad
-    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+    return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, pad], value=value)
 
 
 def rc_hidden(x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def poison() -> None:
 
 def check_scan(b: int, length: int, d: int, dtype: torch.dtype, reverse: bool, grads: bool,
                variant: str = "full") -> dict[str, float]:
-    """u, delta and z slices of one tensor and B, C of another (dt_rank 8, as at d_model 118); "plain": no D, z,
+    """u and z slices of one tensor and B, C of another (dt_rank 8, as at d_model 118); "plain": no D, z,
     bias or softplus."""
     inputs = scan_inputs(b, length, d, dtype, device=DEVICE, full=variant == "full", shared_rows=True, dt_rank=8,
                          seed=length + d)

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from caduceus.ops import reference, use_backend
+from caduceus.ops import use_backend
+from caduceus.ops.reference import selective_scan_reference
 
 # Relative error (relative_error) a backend's outputs and gradients may have against the float64 reference, by dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -28,8 +29,8 @@ def scan_inputs(batch: int, length: int, dim: int, dtype: torch.dtype = torch.bf
                 device: str | torch.device = "cpu", full: bool = True, shared_rows: bool = False, dt_rank: int = 16,
                 seed: int = 0) -> dict[str, torch.Tensor | None]:
     """selective_scan's arguments by name, in its order, laid out as a Mamba mixer passes them: B and C slices of one
-    x_proj output (``dt_rank`` columns first: 16 for d_model 256, 8 for 118), with ``shared_rows`` u, delta and z
-    slices of one (batch, length, 3 dim) tensor as well; A, D and delta_bias in fp32, delta_bias from Mamba's dt
+    x_proj output (``dt_rank`` columns first: 16 for d_model 256, 8 for 118), with ``shared_rows`` u and z slices
+    of one (batch, length, 3 dim) tensor as well; A, D and delta_bias in fp32, delta_bias from Mamba's dt
     init (dt in [1e-3, 0.1]). Without ``full``, D, z and delta_bias are None and delta is positive: the step itself,
     for a call without softplus."""
     g = torch.Generator(device).manual_seed(seed)
@@ -66,7 +67,7 @@ def scan_errors(selective_scan: Callable[..., torch.Tensor], inputs: dict[str, t
         before()
     with torch.set_grad_enabled(grads):
         out = selective_scan(**leaves, delta_softplus=softplus, reverse=reverse)
-        expected = reference.selective_scan_reference(**refs, delta_softplus=softplus, reverse=reverse)
+        expected = selective_scan_reference(**refs, delta_softplus=softplus, reverse=reverse)
     if out.dtype != inputs["u"].dtype:
         raise TypeError(f"the scan returned {out.dtype} for {inputs['u'].dtype} inputs")
     errors = {"out": relative_error(out, expected)}

@@ -81,7 +81,7 @@ def test_selective_scan_backward_settings(config, reverse, batch, length, dim, m
 
 
 def _check_scan(dtype: torch.dtype, reverse: bool, batch: int, length: int, dim: int, full: bool) -> None:
-    """Output and every gradient against the float64 reference; u, delta and z slices of one tensor, and B and C
+    """Output and every gradient against the float64 reference; u and z slices of one tensor, and B and C
     rows 8 bytes off a 16-byte boundary in bf16 (dt_rank 4): the kernels' strided, unaligned loads."""
     inputs = scan_inputs(batch, length, dim, dtype, device="cuda", full=full, shared_rows=True, dt_rank=4,
                          seed=length + dim)

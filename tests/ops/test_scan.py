@@ -127,7 +127,7 @@ def test_reverse_equals_flipped_forward():
     inputs = scan_inputs(1, 50, 8, dtype=torch.float32)
     flipped = {k: v.flip(1) if v.dim() == 3 else v for k, v in inputs.items()}
     assert max_relative_error(cpu.selective_scan(**inputs, reverse=True),
-                          cpu.selective_scan(**flipped).flip(1)) <= 1e-6
+                              cpu.selective_scan(**flipped).flip(1)) <= 1e-6
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -145,7 +145,7 @@ def test_conv_matches_reference_with_gradients(reverse):
         assert max_relative_error(a, e) <= 1e-12
     short = torch.randn(1, 2, 6, dtype=torch.float64)  # shorter than the kernel
     assert max_relative_error(cpu.causal_conv1d(short, w, None, reverse),
-                          reference.causal_conv1d_reference(short, w, None, reverse)) <= 1e-12
+                              reference.causal_conv1d_reference(short, w, None, reverse)) <= 1e-12
 
 
 @pytest.mark.parametrize("reverse", [False, True])

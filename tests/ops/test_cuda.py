@@ -57,22 +57,25 @@ template <int P> inline void cp_wait() {}
 #include "%(source)s"
 #include <thread>
 #include <vector>
-template <bool REV, bool STATE_ONLY>
-void grid(SCAN_ARGS, int batch, int n_seg) {
+template <class F>
+void grid(int blocks, int batch, int n_seg, F body) {  // one warp (32 threads) at a time
     std::barrier<> b(32);
     warp = &b;
-    for (int bz = 0; bz < n_seg; ++bz) for (int by = 0; by < batch; ++by) for (int bx = 0; bx < D / 16; ++bx) {
+    for (int bz = 0; bz < n_seg; ++bz) for (int by = 0; by < batch; ++by) for (int bx = 0; bx < blocks; ++bx) {
         std::vector<std::thread> threads;
         for (int lane = 0; lane < 32; ++lane) threads.emplace_back([=] {
             threadIdx.x = lane; blockIdx = {bx, by, bz}; gridDim.z = n_seg;
-            scan_fwd<SCAN_TILES, REV, STATE_ONLY>(SCAN_CALL);
+            body();
         });
         for (auto& t : threads) t.join();
     }
 }
-#define ENTRY(name, rev, state_only) \
-    extern "C" void name(SCAN_ARGS, int batch, int n_seg) { grid<rev, state_only>(SCAN_CALL, batch, n_seg); }
+#define ENTRY(name, rev, state_only) extern "C" void name(SCAN_ARGS, int batch, int n_seg) { \
+    grid(D / 16, batch, n_seg, [=] { scan_fwd<SCAN_TILES, rev, state_only>(SCAN_CALL); }); }
 SCAN_ENTRY_POINTS(ENTRY)
+#define GRAD_ENTRY(name, rev, adj_only) extern "C" void name(GRAD_ARGS, int batch, int n_seg) { \
+    grid(D / 16, batch, n_seg, [=] { scan_bwd<rev, adj_only>(GRAD_CALL); }); }
+GRAD_ENTRY_POINTS(GRAD_ENTRY)
 """
 
 
@@ -135,13 +138,11 @@ def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_block
     seg_state, seg_dt = torch.full((batch, n_seg, dim, 16), float("nan")), torch.full((batch, n_seg, dim), 0.0)
 
     def run(name: str, seg_state=None, seg_dt=None, init=None, saved=None) -> None:
-        pointers = [ctypes.c_void_p(t.data_ptr()) for t in (*xs, out)]
         strides = (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
-        getattr(host_kernels, name)(*pointers, ctypes.c_int(length), ctypes.c_int(dim),
+        getattr(host_kernels, name)(*pointers(*xs, out), ctypes.c_int(length), ctypes.c_int(dim),
                                     *(ctypes.c_longlong(s) for s in strides), ctypes.c_int(seg_blocks),
-                                    *(ctypes.c_void_p(0 if t is None else t.data_ptr())
-                                      for t in (seg_state, seg_dt, init, saved)),
-                                    ctypes.c_int(batch), ctypes.c_int(n_seg))
+                                    *pointers(seg_state, seg_dt, init, saved), ctypes.c_int(batch),
+                                    ctypes.c_int(n_seg))
 
     direction = "rev" if reverse else "fwd"
     init = None
@@ -152,6 +153,53 @@ def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_block
     expected = selective_scan_reference(*(x.double() for x in xs), delta_softplus=True, reverse=reverse)
     assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
     assert relative_error(states, states_reference(u, delta, A, B, bias, reverse)) < 1e-5
+
+
+def pointers(*ts: torch.Tensor | None) -> list[ctypes.c_void_p]:
+    return [ctypes.c_void_p(0 if t is None else t.data_ptr()) for t in ts]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+# one segment with a part chunk and a part piece at the walk's end; 5 segments of one chunk; 2 segments of two chunks,
+# the last with a part piece
+@pytest.mark.parametrize(("batch", "length", "dim", "seg_len"), [(2, 37, 32, 64), (1, 300, 16, 64),
+                                                                 (1, 203, 32, 128)])
+def test_grad_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_len) -> None:
+    """scan.cu's backward fed the states the forward saves (from states_reference here), against the float64
+    reference's gradients; with several segments, the adjoint pass and the chaining (chain_reference, walked from the
+    last segment) first."""
+    inputs = bf16_inputs(batch, length, dim)
+    xs = list(inputs.values())
+    u, delta, A, B, C, D, z, bias = xs
+    dout = torch.randn(batch, length, dim).to(torch.bfloat16)
+    states = states_reference(u, delta, A, B, bias, reverse).float()
+    n_seg, blocks = -(-length // seg_len), dim // 16
+    du, ddelta, dz = (torch.full_like(u, float("nan")) for _ in range(3))
+    dA = torch.full((batch, n_seg, dim, 16), float("nan"))
+    dD, dbias = torch.full((batch, n_seg, dim), float("nan")), torch.full((batch, n_seg, dim), float("nan"))
+    dBC = torch.full((batch, blocks, length, 32), float("nan"))
+    seg_adj, seg_dt = torch.full((batch, n_seg, dim, 16), float("nan")), torch.full((batch, n_seg, dim), float("nan"))
+
+    def run(name: str, init: torch.Tensor | None) -> None:
+        strides = (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
+        getattr(host_kernels, name)(*pointers(*xs, dout, states, init), ctypes.c_int(length), ctypes.c_int(dim),
+                                    *(ctypes.c_longlong(s) for s in strides), ctypes.c_int(seg_len),
+                                    *pointers(seg_adj, seg_dt, du, ddelta, dz, dA, dD, dbias, dBC),
+                                    ctypes.c_int(batch), ctypes.c_int(n_seg))
+
+    direction = "rev" if reverse else "fwd"
+    init = None
+    if n_seg > 1:
+        run(f"grad_{direction}_adjoint", None)
+        init = chain_reference(seg_adj.flip(1), seg_dt.flip(1), A).flip(1)
+    run(f"grad_{direction}", init)
+    leaves = [x.double().requires_grad_() for x in xs]
+    selective_scan_reference(*leaves, delta_softplus=True, reverse=reverse).backward(dout.double())
+    dBC = dBC.sum(1)
+    got = {"du": du, "ddelta": ddelta, "dA": dA.sum((0, 1)), "dB": dBC[..., :16], "dC": dBC[..., 16:],
+           "dD": dD.sum((0, 1)), "dz": dz, "ddelta_bias": dbias.sum((0, 1))}
+    errors = {name: relative_error(got[name], leaf.grad) for name, leaf in zip(got, leaves)}
+    assert max(errors.values()) < TOLERANCE[torch.bfloat16], errors
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in ops.available_backends(),

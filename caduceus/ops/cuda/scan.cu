@@ -40,18 +40,18 @@ __device__ __forceinline__ void widen(uint4 w, float* dst) {  // 8 bf16 -> 8 fp3
     *(float4*)(dst + 4) = hi;
 }
 
-// The G lanes of a channel each hold partial outputs of the group's G steps; afterwards lane r holds step r's sum.
-template <int G>
-__device__ __forceinline__ float reduce_scatter(float (&p)[G], int r) {
+// K values in each of the K lanes lane ^ (m * STRIDE), m < K, summed over those lanes; afterwards each lane holds the
+// sum of value (lane / STRIDE) % K: K / 2 + ... + 2 + 1 shuffles instead of a shuffle tree per value. W: this round's
+// half (rounds by recursion, which unrolls where a loop over W was not).
+template <int K, int STRIDE, int W = K / 2>
+__device__ __forceinline__ float reduce_scatter(float (&p)[K], int lane) {
+    const bool hi = (lane / STRIDE) & W;
     #pragma unroll
-    for (int w = G / 2; w >= 1; w /= 2) {
-        const bool hi = r & w;
-        #pragma unroll
-        for (int i = 0; i < w; ++i) {
-            const float keep = hi ? p[w + i] : p[i], send = hi ? p[i] : p[w + i];
-            p[i] = keep + __shfl_xor_sync(FULL, send, w);
-        }
+    for (int i = 0; i < W; ++i) {
+        const float keep = hi ? p[W + i] : p[i], send = hi ? p[i] : p[W + i];
+        p[i] = keep + __shfl_xor_sync(FULL, send, W * STRIDE);
     }
+    if constexpr (W > 1) return reduce_scatter<K, STRIDE, W / 2>(p, lane);
     return p[0];
 }
 
@@ -183,7 +183,7 @@ __device__ __forceinline__ void scan_fwd(
                 if (STATE_ONLY) dt_sum += dm;
             }
             if (STATE_ONLY) continue;
-            const float y = G > 1 ? reduce_scatter<G>(part, r) : part[0];
+            const float y = G > 1 ? reduce_scatter<G, 1>(part, lane) : part[0];  // step r's sum
             const float zo = bf(pz[off * CH]);
             const float o = (y + Dd * uo) * zo * rcp(1.f + ex2(-zo * LOG2E));
             if ((unsigned)(own + off) < (unsigned)L) po[(ptrdiff_t)off * D] = to_bf(o);  // not past the walk's end
@@ -194,6 +194,168 @@ __device__ __forceinline__ void scan_fwd(
         #pragma unroll
         for (int k = 0; k < NV; ++k) seg_state[state_row * N + n0 + k] = h[k];
         if (r == 0) seg_dt[state_row] = dt_sum;
+    }
+}
+
+__device__ __forceinline__ void unpack(uint4 w, float (&f)[8]) {  // 8 bf16 -> 8 fp32 in registers
+    const unsigned v[4] = {w.x, w.y, w.z, w.w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(v[i] << 16);
+        f[2 * i + 1] = __uint_as_float(v[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : LN2 * lg2(1.f + ex2(x * LOG2E)); }
+__device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LOG2E)); }
+__device__ __forceinline__ float pair_sum(float x) { return x + __shfl_xor_sync(FULL, x, 1); }  // over a channel's lanes
+
+// The backward, for the same rows and lanes as the forward (lane 2c + r: states 8r .. 8r + 7 of channel c), over one
+// segment of seg_len walk steps (a multiple of CHUNK; one segment: seg_len >= L), walked from its end. Each chunk of
+// CHUNK walk steps is recomputed twice from the state the forward saved before it: once forward, keeping the state
+// before every SUB-th step in shared memory, then piece by piece backwards, each piece's states and decays in
+// registers, with the adjoint dh taken back over the piece. du, ddt and dz are (b, l, d) rows like u; dA (b, S, d, n),
+// dD and dbias (b, S, d) are sums over the segment; dBC (b, d / 16, l, 2n) holds dB then dC of each step summed over
+// the 16 channels (scan.py adds the channel blocks). These are the Triton backward's layouts (triton/scan.py).
+// With several segments the adjoint runs twice: first ADJ_ONLY, each segment from a zero adjoint at its end, writing
+// the adjoint at its start and its sum of dt (seg_adj, seg_dt); after the chaining kernel, again with each segment's
+// true incoming adjoint (init).
+template <bool REV, bool ADJ_ONLY>
+__device__ __forceinline__ void scan_bwd(
+    const bf16_t* __restrict__ u, const bf16_t* __restrict__ dt, const float* __restrict__ A,
+    const bf16_t* __restrict__ Bm, const bf16_t* __restrict__ Cm, const float* __restrict__ Dv,
+    const bf16_t* __restrict__ z, const float* __restrict__ bias, const bf16_t* __restrict__ dout,
+    const float* __restrict__ states, const float* __restrict__ init, int L, int D, long long s_Bb, long long s_Bl,
+    long long s_Cb, long long s_Cl, int seg_len, float* __restrict__ seg_adj, float* __restrict__ seg_dt,
+    bf16_t* __restrict__ du, bf16_t* __restrict__ ddt, bf16_t* __restrict__ dz, float* __restrict__ dA,
+    float* __restrict__ dD, float* __restrict__ dbias, float* __restrict__ dBC) {
+    constexpr int N = 16, NV = 8, SUB = 4;
+    const int lane = threadIdx.x, c = lane / 2, r = lane % 2, n0 = r * NV;
+    const int b = blockIdx.y, d = blockIdx.x * 16 + c, seg = blockIdx.z;
+    const int start = seg * seg_len, end = min(L, start + seg_len);
+    const size_t row0 = (size_t)b * L * D, seg_row = ((size_t)b * gridDim.z + seg) * D + d;
+    float A2[NV], dh[NV];
+    #pragma unroll
+    for (int k = 0; k < NV; ++k) {
+        A2[k] = A[d * N + n0 + k] * LOG2E;
+        dh[k] = init != nullptr ? init[seg_row * N + n0 + k] : 0.f;
+    }
+    const float Dd = Dv[d], bias_d = bias[d];
+    auto time_of = [&](int i) { return REV ? L - 1 - i : i; };  // of walk step i
+    auto row = [&](const bf16_t* base, long long sb, long long sl, int t, float (&f)[8]) {  // this lane's 8 of B or C
+        unpack(*(const uint4*)(base + b * sb + t * sl + n0), f);
+    };
+
+    if (ADJ_ONLY) {
+        float dt_sum = 0.f;
+        for (int i = end - 1; i >= start; --i) {
+            const int t = time_of(i);
+            const size_t o = row0 + (size_t)t * D + d;
+            const float dtv = softplus(bf(dt[o]) + bias_d), zo = bf(z[o]);
+            const float g = bf(dout[o]) * zo * sigmoid(zo);
+            float Cf[8];
+            row(Cm, s_Cb, s_Cl, t, Cf);
+            #pragma unroll
+            for (int k = 0; k < NV; ++k) dh[k] = (dh[k] + g * Cf[k]) * ex2(dtv * A2[k]);
+            dt_sum += dtv;
+        }
+        #pragma unroll
+        for (int k = 0; k < NV; ++k) seg_adj[seg_row * N + n0 + k] = dh[k];
+        if (r == 0) seg_dt[seg_row] = dt_sum;
+        return;
+    }
+
+    __shared__ __align__(16) float s_ck[CHUNK / SUB * 32 * NV];  // the state before each piece of a chunk, by lane
+    float dA_acc[NV] = {}, dD_acc = 0.f, dbias_acc = 0.f;
+    float* const part = dBC + ((size_t)b * (D / 16) + blockIdx.x) * L * (2 * N) + (c < 8 ? 0 : N) + n0 + c % 8;
+    for (int c0 = (end - 1) / CHUNK * CHUNK; c0 >= start; c0 -= CHUNK) {
+        const int c1 = min(end, c0 + CHUNK);
+        float h[NV];
+        const float* saved = states + (((size_t)b * ((L + CHUNK - 1) / CHUNK) + c0 / CHUNK) * D + d) * N + n0;
+        #pragma unroll
+        for (int k = 0; k < NV; ++k) h[k] = saved[k];
+        for (int i0 = c0; i0 < c1; i0 += SUB) {  // forward over the chunk, keeping the state before each piece
+            float* ck = s_ck + ((i0 - c0) / SUB * 32 + lane) * NV;
+            #pragma unroll
+            for (int k = 0; k < NV; k += 4) *(float4*)(ck + k) = make_float4(h[k], h[k + 1], h[k + 2], h[k + 3]);
+            #pragma unroll
+            for (int j = 0; j < SUB; ++j) {
+                if (i0 + j >= c1) break;
+                const int t = time_of(i0 + j);
+                const size_t o = row0 + (size_t)t * D + d;
+                const float dtv = softplus(bf(dt[o]) + bias_d), dtu = dtv * bf(u[o]);
+                float Bf[8];
+                row(Bm, s_Bb, s_Bl, t, Bf);
+                #pragma unroll
+                for (int k = 0; k < NV; ++k) h[k] = fmaf(h[k], ex2(dtv * A2[k]), dtu * Bf[k]);
+            }
+        }
+        for (int i0 = c0 + (c1 - 1 - c0) / SUB * SUB; i0 >= c0; i0 -= SUB) {  // the pieces backwards
+            float hs[SUB + 1][NV], a[SUB][NV], dts[SUB];
+            const float* ck = s_ck + ((i0 - c0) / SUB * 32 + lane) * NV;
+            #pragma unroll
+            for (int k = 0; k < NV; ++k) hs[0][k] = ck[k];
+            #pragma unroll
+            for (int j = 0; j < SUB; ++j) {  // steps past the chunk's end (only in the sequence's last) change nothing
+                const bool ok = i0 + j < c1;
+                const int t = time_of(ok ? i0 + j : i0);
+                const size_t o = row0 + (size_t)t * D + d;
+                dts[j] = ok ? softplus(bf(dt[o]) + bias_d) : 0.f;
+                const float dtu = ok ? dts[j] * bf(u[o]) : 0.f;
+                float Bf[8];
+                row(Bm, s_Bb, s_Bl, t, Bf);
+                #pragma unroll
+                for (int k = 0; k < NV; ++k) {
+                    a[j][k] = ex2(dts[j] * A2[k]);
+                    hs[j + 1][k] = fmaf(hs[j][k], a[j][k], dtu * Bf[k]);
+                }
+            }
+            #pragma unroll
+            for (int j = SUB - 1; j >= 0; --j) {
+                if (i0 + j >= c1) continue;
+                const int t = time_of(i0 + j);
+                const size_t o = row0 + (size_t)t * D + d;
+                const float x = bf(dt[o]) + bias_d, uo = bf(u[o]), zo = bf(z[o]);
+                float Bf[8], Cf[8];
+                row(Bm, s_Bb, s_Bl, t, Bf);
+                row(Cm, s_Cb, s_Cl, t, Cf);
+                float y = 0.f;
+                #pragma unroll
+                for (int k = 0; k < NV; ++k) y = fmaf(hs[j + 1][k], Cf[k], y);
+                y = pair_sum(y) + Dd * uo;
+                const float sig = sigmoid(zo), go = bf(dout[o]);
+                const float dzo = go * y * sig * (1.f + zo * (1.f - sig)), g = go * zo * sig;
+                float dhB = 0.f, wA = 0.f, p[2 * NV];
+                #pragma unroll
+                for (int k = 0; k < NV; ++k) {
+                    dh[k] = fmaf(g, Cf[k], dh[k]);
+                    dhB = fmaf(dh[k], Bf[k], dhB);
+                    const float w = dh[k] * a[j][k] * hs[j][k];
+                    wA = fmaf(w, A2[k], wA);
+                    dA_acc[k] = fmaf(w, dts[j], dA_acc[k]);
+                    p[k] = dh[k] * (dts[j] * uo);
+                    p[NV + k] = hs[j + 1][k] * g;
+                    dh[k] *= a[j][k];
+                }
+                dhB = pair_sum(dhB);
+                float ddto = pair_sum(wA) * LN2 + uo * dhB;
+                if (x <= 20.f) ddto *= sigmoid(x);
+                dD_acc = fmaf(g, uo, dD_acc);
+                dbias_acc += ddto;
+                if (r == 0) {
+                    du[o] = to_bf(fmaf(dts[j], dhB, Dd * g));
+                    ddt[o] = to_bf(ddto);
+                } else {
+                    dz[o] = to_bf(dzo);
+                }
+                part[(size_t)t * (2 * N)] = reduce_scatter<2 * NV, 2>(p, lane);
+            }
+        }
+    }
+    #pragma unroll
+    for (int k = 0; k < NV; ++k) dA[seg_row * N + n0 + k] = dA_acc[k];
+    if (r == 0) {
+        dD[seg_row] = dD_acc;
+        dbias[seg_row] = dbias_acc;
     }
 }
 
@@ -208,9 +370,20 @@ __device__ __forceinline__ void scan_fwd(
 #define SCAN_TILES 8, 16, 4  // NV, T, S
 #define SCAN_ENTRY_POINTS(X) \
     X(scan_fwd, false, false) X(scan_rev, true, false) X(scan_fwd_state, false, true) X(scan_rev_state, true, true)
+#define GRAD_ARGS const bf16_t* u, const bf16_t* dt, const float* A, const bf16_t* Bm, const bf16_t* Cm,       \
+    const float* Dv, const bf16_t* z, const float* bias, const bf16_t* dout, const float* states, const float* init, \
+    int L, int D, long long s_Bb, long long s_Bl, long long s_Cb, long long s_Cl, int seg_len, float* seg_adj,      \
+    float* seg_dt, bf16_t* du, bf16_t* ddt, bf16_t* dz, float* dA, float* dD, float* dbias, float* dBC
+#define GRAD_CALL u, dt, A, Bm, Cm, Dv, z, bias, dout, states, init, L, D, s_Bb, s_Bl, s_Cb, s_Cl, seg_len, seg_adj, \
+    seg_dt, du, ddt, dz, dA, dD, dbias, dBC
+#define GRAD_ENTRY_POINTS(X) X(grad_fwd, false, false) X(grad_rev, true, false) X(grad_fwd_adjoint, false, true) \
+    X(grad_rev_adjoint, true, true)
 
 #ifndef CADUCEUS_SCAN_HOST
 #define SCAN_KERNEL(name, rev, state_only) \
     extern "C" __global__ void __launch_bounds__(32) name(SCAN_ARGS) { scan_fwd<SCAN_TILES, rev, state_only>(SCAN_CALL); }
 SCAN_ENTRY_POINTS(SCAN_KERNEL)
+#define GRAD_KERNEL(name, rev, adj_only) \
+    extern "C" __global__ void __launch_bounds__(32) name(GRAD_ARGS) { scan_bwd<rev, adj_only>(GRAD_CALL); }
+GRAD_ENTRY_POINTS(GRAD_KERNEL)
 #endif

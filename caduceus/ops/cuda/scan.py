@@ -1,5 +1,6 @@
-"""The selective scan forward as a CUDA kernel (``scan.cu``) compiled at run time with NVRTC, for bf16 inputs on
-sm_80 or newer; the backward is the Triton backend's, fed the states this forward saves in the same layout.
+"""The selective scan, forward and backward, as CUDA kernels (``scan.cu``) compiled at run time with NVRTC, for bf16
+inputs on sm_80 or newer. The forward saves its states in the Triton backend's layout, so either backward can follow
+it (``BACKWARD``), and the time segments of both are chained by the Triton chaining kernel.
 
 NVRTC comes with PyTorch's CUDA wheels (the ``nvidia`` packages beside torch) or with a CUDA toolkit; the kernel is
 compiled once per GPU architecture and process (about a second) and launched through the driver API with ctypes, so
@@ -25,6 +26,11 @@ CHUNK = 64  # scan.cu saves the state every CHUNK walk steps; the Triton backwar
 # Time is cut into segments (two launches and the Triton chaining kernel between them) when fewer than CUT_BELOW
 # programs (batch rows x channel blocks) would run, into enough segments to make about PROGRAMS.
 CUT_BELOW, PROGRAMS = 512, 4096
+# The backward's segments (whole chunks), the same way; "triton": the Triton backward instead of scan.cu's.
+BWD_CUT_BELOW, BWD_PROGRAMS = 2048, 4096
+BACKWARD = "cuda"
+KERNELS = ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state", "grad_fwd", "grad_rev", "grad_fwd_adjoint",
+           "grad_rev_adjoint")
 
 
 def nvrtc_path() -> str | None:
@@ -79,7 +85,7 @@ def compile_cubin(arch: int) -> bytes:
 
 @functools.cache
 def _kernels(device_index: int) -> dict[str, ctypes.c_void_p]:
-    """The four entry points of scan.cu, loaded into the device's primary context (PyTorch's)."""
+    """scan.cu's entry points (KERNELS), loaded into the device's primary context (PyTorch's)."""
     with torch.cuda.device(device_index):
         torch.cuda.init()
         major, minor = torch.cuda.get_device_capability(device_index)
@@ -87,7 +93,7 @@ def _kernels(device_index: int) -> dict[str, ctypes.c_void_p]:
         module = ctypes.c_void_p()
         _check(cuda.cuModuleLoadData(ctypes.byref(module), compile_cubin(10 * major + minor)), "cuModuleLoadData")
         kernels = {}
-        for name in ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state"):
+        for name in KERNELS:
             fn = ctypes.c_void_p()
             _check(cuda.cuModuleGetFunction(ctypes.byref(fn), module, name.encode()), f"cuModuleGetFunction {name}")
             kernels[name] = fn
@@ -117,26 +123,37 @@ def supports(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> bool:
             and triton_scan.BWD_CONFIG["chunk"] == CHUNK and torch.cuda.get_device_capability(u.device) >= (8, 0))
 
 
+def _launch(name: str, grid: tuple[int, int, int], args: list) -> None:
+    """scan.cu's kernel ``name`` on the current stream, one warp per block: ``args`` in its order, tensors (None: a
+    null pointer) and ctypes scalars."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = tensors[0].device
+    values = [a if isinstance(a, ctypes._SimpleCData) else ctypes.c_void_p(0 if a is None else a.data_ptr())
+              for a in args]
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+    kernel = _kernels(device.index if device.index is not None else torch.cuda.current_device())[name]
+    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    _check(_driver().cuLaunchKernel(kernel, *grid, 32, 1, 1, 0, stream, pointers, None), f"cuLaunchKernel {name}")
+
+
+def _rows(L: int, D: int, B: torch.Tensor, C: torch.Tensor) -> list:
+    """The sizes and B/C strides every kernel of scan.cu takes after its tensors."""
+    return [ctypes.c_int(L), ctypes.c_int(D)] + [ctypes.c_longlong(s) for s in (*B.stride()[:2], *C.stride()[:2])]
+
+
 def scan_forward(u, delta, A, B, C, D, z, bias, reverse: bool, states: torch.Tensor | None) -> torch.Tensor:
     """Launches scan.cu (twice, with the chaining between, when time is cut into segments). u, delta, z contiguous
     (b, l, d) bf16; B, C (b, l, 16) rows 16-byte aligned; A (d, 16), D, bias (d,) float32; states, if given, the
-    (b, chunks, d, 16) float32 tensor the Triton backward reads."""
+    (b, chunks, d, 16) float32 tensor the backward reads."""
     batch, length, dim = u.shape
     seg_blocks, n_seg = plan(batch, length, dim)
     out = torch.empty_like(u)
-    kernels = _kernels(u.device.index if u.device.index is not None else torch.cuda.current_device())
-    stream = ctypes.c_void_p(torch.cuda.current_stream(u.device).cuda_stream)
     direction = "rev" if reverse else "fwd"
 
     def launch(name: str, seg_state=None, seg_dt=None, init=None, saved=None) -> None:
-        values = [ctypes.c_void_p(t.data_ptr()) for t in (u, delta, A, B, C, D, z, bias, out)]
-        values += [ctypes.c_int(length), ctypes.c_int(dim)]
-        values += [ctypes.c_longlong(s) for s in (B.stride(0), B.stride(1), C.stride(0), C.stride(1))]
-        values += [ctypes.c_int(seg_blocks)]
-        values += [ctypes.c_void_p(0 if t is None else t.data_ptr()) for t in (seg_state, seg_dt, init, saved)]
-        args = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-        _check(_driver().cuLaunchKernel(kernels[name], dim // CHANNELS, batch, n_seg, 32, 1, 1, 0, stream, args,
-                                        None), f"cuLaunchKernel {name}")
+        _launch(name, (dim // CHANNELS, batch, n_seg), [u, delta, A, B, C, D, z, bias, out,
+                                                        *_rows(length, dim, B, C), ctypes.c_int(seg_blocks),
+                                                        seg_state, seg_dt, init, saved])
 
     init = None
     if n_seg > 1:
@@ -148,13 +165,41 @@ def scan_forward(u, delta, A, B, C, D, z, bias, reverse: bool, states: torch.Ten
     return out
 
 
+def scan_backward(u, delta, A, B, C, D, z, bias, dout, states, reverse: bool) -> tuple[torch.Tensor, ...]:
+    """Launches scan.cu's backward (after its adjoint pass and the chaining, when time is cut into segments) on
+    scan_forward's tensors, the states it saved and dout (laid out like u): du, ddelta, dz and the per-segment and
+    per-channel-block partials SelectiveScanFn.gradients sums (dA, dD, dbias, dBC)."""
+    batch, length, dim = u.shape
+    blocks = dim // CHANNELS
+    cfg = {"cut_below": BWD_CUT_BELOW, "programs": BWD_PROGRAMS}
+    seg_len, n_seg = triton_scan._segments(length, batch * blocks, cfg, CHUNK)
+    f32 = {"dtype": torch.float32, "device": u.device}
+    du, ddelta, dz = (torch.empty_like(u) for _ in range(3))
+    dA, seg_adj = (torch.empty(batch, n_seg, dim, STATES, **f32) for _ in range(2))
+    dD, dbias, seg_dt = (torch.empty(batch, n_seg, dim, **f32) for _ in range(3))
+    dBC = torch.empty(batch, blocks, length, 2 * STATES, **f32)
+    direction = "rev" if reverse else "fwd"
+
+    def launch(name: str, init: torch.Tensor | None) -> None:
+        _launch(name, (blocks, batch, n_seg), [u, delta, A, B, C, D, z, bias, dout, states, init,
+                                               *_rows(length, dim, B, C), ctypes.c_int(seg_len), seg_adj, seg_dt,
+                                               du, ddelta, dz, dA, dD, dbias, dBC])
+
+    init = None
+    if n_seg > 1:
+        launch(f"grad_{direction}_adjoint", None)
+        init = triton_scan._chain_segments(seg_adj, seg_dt, A, reverse=True)
+    launch(f"grad_{direction}", init)
+    return du, ddelta, dz, dA, dD, dbias, dBC
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous and 16-byte aligned, as scan.cu's row copies (cp.async, 16 bytes) need."""
     return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 class CudaSelectiveScanFn(triton_scan.SelectiveScanFn):
-    """scan.cu's forward, then the Triton backward (inherited)."""
+    """scan.cu's forward and backward (with BACKWARD = "triton", the Triton backward, inherited)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save):
@@ -170,6 +215,15 @@ class CudaSelectiveScanFn(triton_scan.SelectiveScanFn):
             triton_scan.SelectiveScanFn.save_context(ctx, (u, delta, A, B, C, D_, z, bias, states), D, delta_bias,
                                                      delta_softplus, reverse)
         return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if BACKWARD == "triton":
+            return triton_scan.SelectiveScanFn.backward(ctx, dout)
+        u, delta, A, B, C, D_, z, bias, states = ctx.saved_tensors
+        du, ddelta, dz, dA, dD, dbias, dBC = scan_backward(u, delta, A, B, C, D_, z, bias, _dense(dout), states,
+                                                           ctx.flags[4])
+        return triton_scan.SelectiveScanFn.gradients(ctx, B, C, du, ddelta, dz, dA, dD, dbias, dBC)
 
 
 def selective_scan(

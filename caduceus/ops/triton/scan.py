@@ -1237,7 +1237,16 @@ class SelectiveScanFn(torch.autograd.Function):
         else:
             for t in (dA, dD, dbias, dBC):
                 t.zero_()
+        return SelectiveScanFn.gradients(ctx, B, C, du, ddelta, dz, dA, dD, dbias, dBC)
+
+    @staticmethod
+    def gradients(ctx, B, C, du, ddelta, dz, dA, dD, dbias, dBC) -> tuple:
+        """backward's return from the kernels' outputs: dA (b, segments, d, n), dD and dbias (b, segments, d) summed
+        over batch rows and segments, dBC (b, channel blocks, l, 2n) over channel blocks; None for what has none.
+        B and C: the saved ones (their dtypes are dB's and dC's)."""
+        has_d, _, has_bias, _, _ = ctx.flags
         d_dtype, bias_dtype = ctx.dtypes
+        n = B.shape[-1]
         dBC = dBC.sum(1)  # one pass over the channel blocks' partials for dB and dC together
         return (
             du,

@@ -214,14 +214,18 @@ def test_opt_in() -> None:
 
 
 @gpu
+@pytest.mark.parametrize("backward", ["cuda", "triton"])
 @pytest.mark.parametrize("reverse", [False, True])
-# (1, 3000, 64) and (16, 700, 32) are cut into time segments; (64, 300, 256) is not (512 programs)
+# The forward cuts (1, 3000, 64) and (16, 700, 32) into time segments, not (64, 300, 256) (512 programs); the backward
+# cuts all but (1, 1, 16) and (3, 37, 32), which are one chunk.
 @pytest.mark.parametrize(("batch", "length", "dim"), [(1, 1, 16), (3, 37, 32), (2, 1000, 64), (1, 3000, 64),
                                                       (16, 700, 32), (64, 300, 256)])
-def test_selective_scan(reverse, batch, length, dim) -> None:
-    """Forward and every gradient against the float64 reference (bf16 bounds); the gradients come from the Triton
-    backward fed the states scan.cu saves."""
-    from caduceus.ops.cuda import selective_scan
+def test_selective_scan(backward, reverse, batch, length, dim, monkeypatch) -> None:
+    """Forward and every gradient against the float64 reference (bf16 bounds), with scan.cu's backward or the Triton
+    one fed the states scan.cu saves."""
+    from caduceus.ops.cuda import scan, selective_scan
+
+    monkeypatch.setattr(scan, "BACKWARD", backward)
 
     errors = scan_errors(selective_scan, bf16_inputs(batch, length, dim, "cuda"), reverse, before=poison)
     assert max(errors.values()) < TOLERANCE[torch.bfloat16], errors

@@ -40,18 +40,18 @@ __device__ __forceinline__ void widen(uint4 w, float* dst) {  // 8 bf16 -> 8 fp3
     *(float4*)(dst + 4) = hi;
 }
 
-// K values in each of the K lanes lane ^ (m * STRIDE), m < K, summed over those lanes; afterwards each lane holds the
-// sum of value (lane / STRIDE) % K: K / 2 + ... + 2 + 1 shuffles instead of a shuffle tree per value. W: this round's
-// half (rounds by recursion, which unrolls where a loop over W was not).
-template <int K, int STRIDE, int W = K / 2>
-__device__ __forceinline__ float reduce_scatter(float (&p)[K], int lane) {
-    const bool hi = (lane / STRIDE) & W;
+// The G lanes of a channel each hold partial outputs of the group's G steps; afterwards lane r holds step r's sum.
+template <int G>
+__device__ __forceinline__ float reduce_scatter(float (&p)[G], int r) {
     #pragma unroll
-    for (int i = 0; i < W; ++i) {
-        const float keep = hi ? p[W + i] : p[i], send = hi ? p[i] : p[W + i];
-        p[i] = keep + __shfl_xor_sync(FULL, send, W * STRIDE);
+    for (int w = G / 2; w >= 1; w /= 2) {
+        const bool hi = r & w;
+        #pragma unroll
+        for (int i = 0; i < w; ++i) {
+            const float keep = hi ? p[w + i] : p[i], send = hi ? p[i] : p[w + i];
+            p[i] = keep + __shfl_xor_sync(FULL, send, w);
+        }
     }
-    if constexpr (W > 1) return reduce_scatter<K, STRIDE, W / 2>(p, lane);
     return p[0];
 }
 
@@ -183,7 +183,7 @@ __device__ __forceinline__ void scan_fwd(
                 if (STATE_ONLY) dt_sum += dm;
             }
             if (STATE_ONLY) continue;
-            const float y = G > 1 ? reduce_scatter<G, 1>(part, lane) : part[0];  // step r's sum
+            const float y = G > 1 ? reduce_scatter<G>(part, r) : part[0];
             const float zo = bf(pz[off * CH]);
             const float o = (y + Dd * uo) * zo * rcp(1.f + ex2(-zo * LOG2E));
             if ((unsigned)(own + off) < (unsigned)L) po[(ptrdiff_t)off * D] = to_bf(o);  // not past the walk's end
@@ -208,6 +208,28 @@ __device__ __forceinline__ void unpack(uint4 w, float (&f)[8]) {  // 8 bf16 -> 8
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : LN2 * lg2(1.f + ex2(x * LOG2E)); }
 __device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LOG2E)); }
 __device__ __forceinline__ float pair_sum(float x) { return x + __shfl_xor_sync(FULL, x, 1); }  // over a channel's lanes
+
+// dB (p[0 .. 7]) and dC (p[8 .. 15]) of lane (c, r)'s channel and states summed over the warp's 16 channels, through
+// shared memory: lane (c, r) writes its 16 values into row c of `sums` (16 rows of 36 words; the pad keeps both the
+// vector writes and the column reads free of bank conflicts) at words 16 r .. 16 r + 15, then lane (c', r') adds up
+// column 16 r' + c' in a fixed order: the sum for state 8 r' + c' % 8 of dB (c' < 8) or dC (4 + 16 shared memory
+// accesses and 15 adds against a reduce-scatter's 15 shuffles, 15 adds and 30 selects).
+__device__ __forceinline__ float channel_sum(const float (&p)[16], float* sums, int lane) {
+    float* row = sums + lane / 2 * 36 + lane % 2 * 16;
+    #pragma unroll
+    for (int q = 0; q < 16; q += 4) *(float4*)(row + q) = make_float4(p[q], p[q + 1], p[q + 2], p[q + 3]);
+    __syncwarp();
+    float t[16];
+    #pragma unroll
+    for (int i = 0; i < 16; ++i) t[i] = sums[i * 36 + lane % 2 * 16 + lane / 2];
+    __syncwarp();  // the next write waits for every lane's reads
+    #pragma unroll
+    for (int level = 0; level < 4; ++level) {
+        #pragma unroll
+        for (int i = 0; i < 16; i += 2 << level) t[i] += t[i + (1 << level)];
+    }
+    return t[0];
+}
 
 // The backward, for the same rows and lanes as the forward (lane 2c + r: states 8r .. 8r + 7 of channel c), over one
 // segment of seg_len walk steps (a multiple of CHUNK; one segment: seg_len >= L), walked from its end. Each chunk of
@@ -265,6 +287,7 @@ __device__ __forceinline__ void scan_bwd(
     }
 
     __shared__ __align__(16) float s_ck[CHUNK / SUB * 32 * NV];  // the state before each piece of a chunk, by lane
+    __shared__ __align__(16) float s_sums[16 * 36];
     float dA_acc[NV] = {}, dD_acc = 0.f, dbias_acc = 0.f;
     float* const part = dBC + ((size_t)b * (D / 16) + blockIdx.x) * L * (2 * N) + (c < 8 ? 0 : N) + n0 + c % 8;
     for (int c0 = (end - 1) / CHUNK * CHUNK; c0 >= start; c0 -= CHUNK) {
@@ -290,7 +313,8 @@ __device__ __forceinline__ void scan_bwd(
             }
         }
         for (int i0 = c0 + (c1 - 1 - c0) / SUB * SUB; i0 >= c0; i0 -= SUB) {  // the pieces backwards
-            float hs[SUB + 1][NV], a[SUB][NV], dts[SUB];
+            float hs[SUB + 1][NV], a[SUB][NV], dts[SUB], xs[SUB], us[SUB];
+            uint4 Bs[SUB];  // kept packed for the adjoint
             const float* ck = s_ck + ((i0 - c0) / SUB * 32 + lane) * NV;
             #pragma unroll
             for (int k = 0; k < NV; ++k) hs[0][k] = ck[k];
@@ -299,10 +323,13 @@ __device__ __forceinline__ void scan_bwd(
                 const bool ok = i0 + j < c1;
                 const int t = time_of(ok ? i0 + j : i0);
                 const size_t o = row0 + (size_t)t * D + d;
-                dts[j] = ok ? softplus(bf(dt[o]) + bias_d) : 0.f;
-                const float dtu = ok ? dts[j] * bf(u[o]) : 0.f;
+                xs[j] = bf(dt[o]) + bias_d;
+                us[j] = bf(u[o]);
+                dts[j] = ok ? softplus(xs[j]) : 0.f;
+                const float dtu = dts[j] * us[j];
+                Bs[j] = *(const uint4*)(Bm + b * s_Bb + t * s_Bl + n0);
                 float Bf[8];
-                row(Bm, s_Bb, s_Bl, t, Bf);
+                unpack(Bs[j], Bf);
                 #pragma unroll
                 for (int k = 0; k < NV; ++k) {
                     a[j][k] = ex2(dts[j] * A2[k]);
@@ -314,9 +341,9 @@ __device__ __forceinline__ void scan_bwd(
                 if (i0 + j >= c1) continue;
                 const int t = time_of(i0 + j);
                 const size_t o = row0 + (size_t)t * D + d;
-                const float x = bf(dt[o]) + bias_d, uo = bf(u[o]), zo = bf(z[o]);
+                const float x = xs[j], uo = us[j], zo = bf(z[o]);
                 float Bf[8], Cf[8];
-                row(Bm, s_Bb, s_Bl, t, Bf);
+                unpack(Bs[j], Bf);
                 row(Cm, s_Cb, s_Cl, t, Cf);
                 float y = 0.f;
                 #pragma unroll
@@ -347,7 +374,7 @@ __device__ __forceinline__ void scan_bwd(
                 } else {
                     dz[o] = to_bf(dzo);
                 }
-                part[(size_t)t * (2 * N)] = reduce_scatter<2 * NV, 2>(p, lane);
+                part[(size_t)t * (2 * N)] = channel_sum(p, s_sums, lane);
             }
         }
     }

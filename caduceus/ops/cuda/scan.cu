@@ -235,7 +235,8 @@ __device__ __forceinline__ float channel_sum(const float (&p)[16], float* sums, 
 // segment of seg_len walk steps (a multiple of CHUNK; one segment: seg_len >= L), walked from its end. Each chunk of
 // CHUNK walk steps is recomputed twice from the state the forward saved before it: once forward, keeping the state
 // before every SUB-th step in shared memory, then piece by piece backwards, each piece's states and decays in
-// registers, with the adjoint dh taken back over the piece. du, ddt and dz are (b, l, d) rows like u; dA (b, S, d, n),
+// registers, with the adjoint dh taken back over the piece. Its rows come from shared memory, copied there while the
+// previous chunk's backward walk ran. du, ddt and dz are (b, l, d) rows like u; dA (b, S, d, n),
 // dD and dbias (b, S, d) are sums over the segment; dBC (b, d / 16, l, 2n) holds dB then dC of each step summed over
 // the 16 channels (scan.py adds the channel blocks). These are the Triton backward's layouts (triton/scan.py).
 // With several segments the adjoint runs twice: first ADJ_ONLY, each segment from a zero adjoint at its end, writing
@@ -263,22 +264,52 @@ __device__ __forceinline__ void scan_bwd(
     }
     const float Dd = Dv[d], bias_d = bias[d];
     auto time_of = [&](int i) { return REV ? L - 1 - i : i; };  // of walk step i
-    auto row = [&](const bf16_t* base, long long sb, long long sl, int t, float (&f)[8]) {  // this lane's 8 of B or C
-        unpack(*(const uint4*)(base + b * sb + t * sl + n0), f);
+    // A chunk's rows (u, dt, z, dout: the warp's 16 channels; B, C: the 16 states) are copied into shared memory with
+    // cp.async by walk step within the chunk, and read from there by both walks over it; the backward walk refills
+    // each piece's rows with the next chunk's as soon as it is done with them (lanes 0 .. 7 copy: 6 x 8 16-byte vectors
+    // per piece).
+    __shared__ __align__(16) bf16_t s_u[CHUNK * 16], s_dt[CHUNK * 16], s_z[CHUNK * 16], s_g[CHUNK * 16],
+        s_B[CHUNK * N], s_C[CHUNK * N];
+    auto copy_piece = [&](int c0, int piece) {  // walk steps c0 + piece SUB .. + SUB - 1
+        if (lane < 8 && c0 >= start) {
+            const int j = piece * SUB + lane / 2, q = lane % 2, i = c0 + j;
+            const bool ok = i < L;
+            const int t = ok ? time_of(i) : 0, bytes = ok ? 16 : 0, dst = j * 16 + q * 8;
+            const size_t o = row0 + (size_t)t * D + blockIdx.x * 16 + q * 8;
+            cp16(s_u + dst, u + o, bytes);
+            cp16(s_dt + dst, dt + o, bytes);
+            cp16(s_z + dst, z + o, bytes);
+            cp16(s_g + dst, dout + o, bytes);
+            cp16(s_B + dst, Bm + b * s_Bb + t * s_Bl + q * 8, bytes);
+            cp16(s_C + dst, Cm + b * s_Cb + t * s_Cl + q * 8, bytes);
+        }
+        cp_commit();
     };
+    auto rows = [&](const bf16_t* s, int j, float (&f)[8]) { unpack(*(const uint4*)(s + j * N + n0), f); };
+    auto gate = [&](int j, float& zo, float& sig) {  // dout * z * sigmoid(z) of step j of the chunk
+        zo = bf(s_z[j * 16 + c]);
+        sig = sigmoid(zo);
+        return bf(s_g[j * 16 + c]) * zo * sig;
+    };
+    const int last = (end - 1) / CHUNK * CHUNK;  // the first chunk walked
+    for (int piece = 0; piece < CHUNK / SUB; ++piece) copy_piece(last, piece);
 
     if (ADJ_ONLY) {
         float dt_sum = 0.f;
-        for (int i = end - 1; i >= start; --i) {
-            const int t = time_of(i);
-            const size_t o = row0 + (size_t)t * D + d;
-            const float dtv = softplus(bf(dt[o]) + bias_d), zo = bf(z[o]);
-            const float g = bf(dout[o]) * zo * sigmoid(zo);
-            float Cf[8];
-            row(Cm, s_Cb, s_Cl, t, Cf);
-            #pragma unroll
-            for (int k = 0; k < NV; ++k) dh[k] = (dh[k] + g * Cf[k]) * ex2(dtv * A2[k]);
-            dt_sum += dtv;
+        for (int c0 = last; c0 >= start; c0 -= CHUNK) {
+            cp_wait<0>();
+            __syncwarp();
+            for (int j = min(end, c0 + CHUNK) - 1 - c0; j >= 0; --j) {
+                const float dtv = softplus(bf(s_dt[j * 16 + c]) + bias_d);
+                float zo, sig, Cf[8];
+                const float g = gate(j, zo, sig);
+                rows(s_C, j, Cf);
+                #pragma unroll
+                for (int k = 0; k < NV; ++k) dh[k] = (dh[k] + g * Cf[k]) * ex2(dtv * A2[k]);
+                dt_sum += dtv;
+            }
+            __syncwarp();
+            for (int piece = 0; piece < CHUNK / SUB; ++piece) copy_piece(c0 - CHUNK, piece);
         }
         #pragma unroll
         for (int k = 0; k < NV; ++k) seg_adj[seg_row * N + n0 + k] = dh[k];
@@ -290,78 +321,75 @@ __device__ __forceinline__ void scan_bwd(
     __shared__ __align__(16) float s_sums[16 * 36];
     float dA_acc[NV] = {}, dD_acc = 0.f, dbias_acc = 0.f;
     float* const part = dBC + ((size_t)b * (D / 16) + blockIdx.x) * L * (2 * N) + (c < 8 ? 0 : N) + n0 + c % 8;
-    for (int c0 = (end - 1) / CHUNK * CHUNK; c0 >= start; c0 -= CHUNK) {
-        const int c1 = min(end, c0 + CHUNK);
+    for (int c0 = last; c0 >= start; c0 -= CHUNK) {
+        const int steps = min(end, c0 + CHUNK) - c0, pieces = (steps + SUB - 1) / SUB;
+        for (int piece = pieces; piece < CHUNK / SUB; ++piece) copy_piece(c0 - CHUNK, piece);  // rows not used here
         float h[NV];
         const float* saved = states + (((size_t)b * ((L + CHUNK - 1) / CHUNK) + c0 / CHUNK) * D + d) * N + n0;
         #pragma unroll
         for (int k = 0; k < NV; ++k) h[k] = saved[k];
-        for (int i0 = c0; i0 < c1; i0 += SUB) {  // forward over the chunk, keeping the state before each piece
-            float* ck = s_ck + ((i0 - c0) / SUB * 32 + lane) * NV;
+        cp_wait<0>();
+        __syncwarp();
+        for (int j0 = 0; j0 < steps; j0 += SUB) {  // forward over the chunk, keeping the state before each piece
+            float* ck = s_ck + (j0 / SUB * 32 + lane) * NV;
             #pragma unroll
             for (int k = 0; k < NV; k += 4) *(float4*)(ck + k) = make_float4(h[k], h[k + 1], h[k + 2], h[k + 3]);
             #pragma unroll
-            for (int j = 0; j < SUB; ++j) {
-                if (i0 + j >= c1) break;
-                const int t = time_of(i0 + j);
-                const size_t o = row0 + (size_t)t * D + d;
-                const float dtv = softplus(bf(dt[o]) + bias_d), dtu = dtv * bf(u[o]);
+            for (int j = j0; j < j0 + SUB; ++j) {
+                if (j >= steps) break;
+                const float dtv = softplus(bf(s_dt[j * 16 + c]) + bias_d), dtu = dtv * bf(s_u[j * 16 + c]);
                 float Bf[8];
-                row(Bm, s_Bb, s_Bl, t, Bf);
+                rows(s_B, j, Bf);
                 #pragma unroll
                 for (int k = 0; k < NV; ++k) h[k] = fmaf(h[k], ex2(dtv * A2[k]), dtu * Bf[k]);
             }
         }
-        for (int i0 = c0 + (c1 - 1 - c0) / SUB * SUB; i0 >= c0; i0 -= SUB) {  // the pieces backwards
-            float hs[SUB + 1][NV], a[SUB][NV], dts[SUB], xs[SUB], us[SUB];
-            uint4 Bs[SUB];  // kept packed for the adjoint
-            const float* ck = s_ck + ((i0 - c0) / SUB * 32 + lane) * NV;
+        for (int piece = pieces - 1; piece >= 0; --piece) {  // the pieces backwards
+            const int j0 = piece * SUB;
+            float hs[SUB + 1][NV], a[SUB][NV], dts[SUB];
+            const float* ck = s_ck + (piece * 32 + lane) * NV;
             #pragma unroll
             for (int k = 0; k < NV; ++k) hs[0][k] = ck[k];
             #pragma unroll
-            for (int j = 0; j < SUB; ++j) {  // steps past the chunk's end (only in the sequence's last) change nothing
-                const bool ok = i0 + j < c1;
-                const int t = time_of(ok ? i0 + j : i0);
-                const size_t o = row0 + (size_t)t * D + d;
-                xs[j] = bf(dt[o]) + bias_d;
-                us[j] = bf(u[o]);
-                dts[j] = ok ? softplus(xs[j]) : 0.f;
-                const float dtu = dts[j] * us[j];
-                Bs[j] = *(const uint4*)(Bm + b * s_Bb + t * s_Bl + n0);
+            for (int m = 0; m < SUB; ++m) {  // steps past the chunk's end (only in the sequence's last) change nothing
+                const int j = j0 + m;
+                dts[m] = j < steps ? softplus(bf(s_dt[j * 16 + c]) + bias_d) : 0.f;
+                const float dtu = dts[m] * bf(s_u[j * 16 + c]);
                 float Bf[8];
-                unpack(Bs[j], Bf);
+                rows(s_B, j, Bf);
                 #pragma unroll
                 for (int k = 0; k < NV; ++k) {
-                    a[j][k] = ex2(dts[j] * A2[k]);
-                    hs[j + 1][k] = fmaf(hs[j][k], a[j][k], dtu * Bf[k]);
+                    a[m][k] = ex2(dts[m] * A2[k]);
+                    hs[m + 1][k] = fmaf(hs[m][k], a[m][k], dtu * Bf[k]);
                 }
             }
             #pragma unroll
-            for (int j = SUB - 1; j >= 0; --j) {
-                if (i0 + j >= c1) continue;
-                const int t = time_of(i0 + j);
+            for (int m = SUB - 1; m >= 0; --m) {
+                const int j = j0 + m;
+                if (j >= steps) continue;
+                const int t = time_of(c0 + j);
                 const size_t o = row0 + (size_t)t * D + d;
-                const float x = xs[j], uo = us[j], zo = bf(z[o]);
-                float Bf[8], Cf[8];
-                unpack(Bs[j], Bf);
-                row(Cm, s_Cb, s_Cl, t, Cf);
+                const float x = bf(s_dt[j * 16 + c]) + bias_d, uo = bf(s_u[j * 16 + c]);
+                float zo, sig, Bf[8], Cf[8];
+                const float g = gate(j, zo, sig);
+                rows(s_B, j, Bf);
+                rows(s_C, j, Cf);
                 float y = 0.f;
                 #pragma unroll
-                for (int k = 0; k < NV; ++k) y = fmaf(hs[j + 1][k], Cf[k], y);
+                for (int k = 0; k < NV; ++k) y = fmaf(hs[m + 1][k], Cf[k], y);
                 y = pair_sum(y) + Dd * uo;
-                const float sig = sigmoid(zo), go = bf(dout[o]);
-                const float dzo = go * y * sig * (1.f + zo * (1.f - sig)), g = go * zo * sig;
+                const float dzo = bf(s_g[j * 16 + c]) * y * sig * (1.f + zo * (1.f - sig));
                 float dhB = 0.f, wA = 0.f, p[2 * NV];
                 #pragma unroll
                 for (int k = 0; k < NV; ++k) {
                     dh[k] = fmaf(g, Cf[k], dh[k]);
                     dhB = fmaf(dh[k], Bf[k], dhB);
-                    const float w = dh[k] * a[j][k] * hs[j][k];
+                    const float w = dh[k] * a[m][k] * hs[m][k];
                     wA = fmaf(w, A2[k], wA);
-                    dA_acc[k] = fmaf(w, dts[j], dA_acc[k]);
-                    p[k] = dh[k] * (dts[j] * uo);
-                    p[NV + k] = hs[j + 1][k] * g;
-                    dh[k] *= a[j][k];
+                    dA_acc[k] = fmaf(w, dts[m], dA_acc[k]);
+                    p[k] = dh[k] * (dts[m] * uo);
+                    p[NV + k] = hs[m + 1][k] * g;
+                    dh[k] *= a[m][k];
                 }
                 dhB = pair_sum(dhB);
                 float ddto = pair_sum(wA) * LN2 + uo * dhB;
@@ -369,15 +397,18 @@ __device__ __forceinline__ void scan_bwd(
                 dD_acc = fmaf(g, uo, dD_acc);
                 dbias_acc += ddto;
                 if (r == 0) {
-                    du[o] = to_bf(fmaf(dts[j], dhB, Dd * g));
+                    du[o] = to_bf(fmaf(dts[m], dhB, Dd * g));
                     ddt[o] = to_bf(ddto);
                 } else {
                     dz[o] = to_bf(dzo);
                 }
                 part[(size_t)t * (2 * N)] = channel_sum(p, s_sums, lane);
             }
+            __syncwarp();  // every lane is done with the piece's rows
+            copy_piece(c0 - CHUNK, piece);
         }
     }
+    cp_wait<0>();
     #pragma unroll
     for (int k = 0; k < NV; ++k) dA[seg_row * N + n0 + k] = dA_acc[k];
     if (r == 0) {

@@ -84,10 +84,33 @@ def compile_cubin(arch: int) -> bytes:
 
 
 @functools.cache
+def _primary_context(device_index: int) -> ctypes.c_void_p:
+    """The device's primary context: the one PyTorch's runtime calls use."""
+    torch.cuda.init()
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    _check(_driver().cuDeviceGet(ctypes.byref(device), device_index), "cuDeviceGet")
+    _check(_driver().cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "cuDevicePrimaryCtxRetain")
+    return context
+
+
+def _make_current(device_index: int) -> ctypes.c_void_p | None:
+    """Makes the device's primary context current on this thread for the driver calls (the autograd engine runs the
+    backward on a thread of its own, where PyTorch's runtime calls may not have made any context current yet); returns
+    the other context that was current, if one was, for the caller to restore."""
+    current = ctypes.c_void_p()
+    _check(_driver().cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+    primary = _primary_context(device_index)
+    if current.value == primary.value:
+        return None
+    _check(_driver().cuCtxSetCurrent(primary), "cuCtxSetCurrent")
+    return current if current.value else None
+
+
+@functools.cache
 def _kernels(device_index: int) -> dict[str, ctypes.c_void_p]:
-    """scan.cu's entry points (KERNELS), loaded into the device's primary context (PyTorch's)."""
+    """scan.cu's entry points (KERNELS), loaded into the device's primary context (PyTorch's; _launch has made it
+    current)."""
     with torch.cuda.device(device_index):
-        torch.cuda.init()
         major, minor = torch.cuda.get_device_capability(device_index)
         cuda = _driver()
         module = ctypes.c_void_p()
@@ -131,9 +154,13 @@ def _launch(name: str, grid: tuple[int, int, int], args: list) -> None:
     values = [a if isinstance(a, ctypes._SimpleCData) else ctypes.c_void_p(0 if a is None else a.data_ptr())
               for a in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-    kernel = _kernels(device.index if device.index is not None else torch.cuda.current_device())[name]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    previous = _make_current(index)
+    kernel = _kernels(index)[name]
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     _check(_driver().cuLaunchKernel(kernel, *grid, 32, 1, 1, 0, stream, pointers, None), f"cuLaunchKernel {name}")
+    if previous is not None:
+        _check(_driver().cuCtxSetCurrent(previous), "cuCtxSetCurrent")
 
 
 def _rows(L: int, D: int, B: torch.Tensor, C: torch.Tensor) -> list:

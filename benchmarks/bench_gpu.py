@@ -1,6 +1,7 @@
 """GPU benchmarks of the Triton backend: hardware floors, the selective scan alone, and the whole model.
 
-    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan] [--model] [--sweep [fwd|bwd]] [--entries 0,4] [--warm]
+    PYTHONPATH=. python benchmarks/bench_gpu.py [--scan [--shapes 16x131072x512,...]] [--model]
+                                                [--sweep [fwd|bwd]] [--entries 0,4] [--warm]
                                                 [--profile] [--baseline old_scan.py] [--cuda]
                                                 [--set KEY=VALUE ...] [--json out.json]
 
@@ -63,6 +64,9 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), return_mode="median")
     return 2 * src.numel() / (ms * 1e-3)
+
+
+SCAN_SHAPES = [(16, 131072, 512), (1, 131072, 512), (16, 1024, 512), (64, 1024, 512), (8, 1024, 236)]
 
 
 def scan_args(b: int, length: int, d: int, n: int = 16) -> list[torch.Tensor]:
@@ -324,6 +328,8 @@ def run_models(baseline: bool = False, cuda: bool = False) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scan", action="store_true", help="the selective scan alone")
+    parser.add_argument("--shapes", default=",".join("x".join(map(str, shape)) for shape in SCAN_SHAPES),
+                        help="--scan: these BxLxD shapes")
     parser.add_argument("--model", action="store_true", help="whole-model throughput and memory")
     parser.add_argument("--sweep", nargs="?", const="all", choices=["fwd", "bwd", "all"],
                         help="launch configurations of the scan (forward, backward or both)")
@@ -364,7 +370,7 @@ def main() -> None:
             from caduceus.ops.cuda import selective_scan as cuda_selective_scan
 
             scans.append(("cuda", cuda_selective_scan))
-        for shape in [(16, 131072, 512), (1, 131072, 512), (16, 1024, 512), (64, 1024, 512), (8, 1024, 236)]:
+        for shape in [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]:
             for name, scan in scans:
                 row = bench_scan(*shape, exp_rate, bandwidth, scan=scan)
                 row["scan"] = name

@@ -5,9 +5,11 @@ blocks, reverse walks, time segments, the saved states) is checked wherever g++ 
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,6 +204,67 @@ def test_grad_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_len) 
     assert max(errors.values()) < TOLERANCE[torch.bfloat16], errors
 
 
+def signature(macro: str) -> list[type]:
+    """The ctypes types of one of scan.cu's argument lists (SCAN_ARGS, GRAD_ARGS)."""
+    text = re.search(rf"#define {macro} (.*?)\n#define", SCAN_CU.read_text(), re.S).group(1).replace("\\\n", " ")
+    return [ctypes.c_void_p if "*" in arg else ctypes.c_longlong if "long long" in arg else ctypes.c_int
+            for arg in text.split(",")]
+
+
+class HostDriver:
+    """Stands in for libcuda under caduceus.ops.cuda.scan: cuLaunchKernel reads the arguments scan.py packed, by the
+    kernel's argument list in scan.cu, and runs the CPU build of that kernel on them."""
+
+    def __init__(self, host: ctypes.CDLL) -> None:
+        self.host, self.launches = host, []
+
+    def cuCtxGetCurrent(self, ref) -> int:  # noqa: N802 (the driver's names)
+        ref._obj.value = 1  # the stand-in primary context's handle: already current
+        return 0
+
+    def cuLaunchKernel(self, name, blocks, batch, n_seg, *rest) -> int:  # noqa: N802
+        args = rest[-2]
+        types = signature("SCAN_ARGS" if name.startswith("scan_") else "GRAD_ARGS")
+        getattr(self.host, name)(*(kind.from_address(args[i]) for i, kind in enumerate(types)), ctypes.c_int(batch),
+                                 ctypes.c_int(n_seg))
+        self.launches.append(name)
+        return 0
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+# both walks cut into time segments: the forward's 16-step blocks, the backward's chunks (19 and 5; 63 and 16)
+@pytest.mark.parametrize(("batch", "length", "dim"), [(2, 300, 32), (1, 1000, 16)])
+def test_backend_on_the_cpu(host_kernels, monkeypatch, reverse, batch, length, dim) -> None:
+    """CudaSelectiveScanFn as the GPU runs it, every launch going to the CPU build of its kernel through HostDriver
+    and the chaining of segments to chain_reference: scan.py's argument packing, segment plans and gradient sums
+    against the float64 reference."""
+    pytest.importorskip("caduceus.ops.cuda", reason="the CUDA backend's module needs Triton and NVRTC",
+                        exc_type=ImportError)
+    from caduceus.ops.cuda import scan
+
+    driver = HostDriver(host_kernels)
+    monkeypatch.setattr(scan, "_driver", lambda: driver)
+    monkeypatch.setattr(scan, "_primary_context", lambda index: ctypes.c_void_p(1))
+    monkeypatch.setattr(scan, "_kernels", lambda index: {name: name for name in scan.KERNELS})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+
+    def chain(seg, seg_dt, A, reverse):
+        return chain_reference(seg.flip(1), seg_dt.flip(1), A).flip(1) if reverse else chain_reference(seg, seg_dt, A)
+
+    monkeypatch.setattr(scan.triton_scan, "_chain_segments", chain)
+    monkeypatch.setattr(scan, "BACKWARD", "cuda")
+
+    def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        return scan.CudaSelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, True)
+
+    errors = scan_errors(selective_scan, bf16_inputs(batch, length, dim), reverse)
+    assert max(errors.values()) < TOLERANCE[torch.bfloat16], errors
+    direction = "rev" if reverse else "fwd"
+    assert driver.launches == [f"scan_{direction}_state", f"scan_{direction}", f"grad_{direction}_adjoint",
+                               f"grad_{direction}"]
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in ops.available_backends(),
                          reason="the CUDA backend needs a CUDA GPU, Triton and NVRTC")
 
@@ -256,10 +319,15 @@ def test_other_calls_go_to_triton() -> None:
 
 
 @gpu
-def test_model_trains_as_on_triton() -> None:
-    """A bf16 d_model 118 model (channels padded to 240): logits and every gradient as on the Triton backend."""
+@pytest.mark.parametrize("backward", ["cuda", "triton"])
+def test_model_trains_as_on_triton(backward, monkeypatch) -> None:
+    """A bf16 d_model 118 model (channels padded to 240): logits and every gradient as on the Triton backend, with
+    either backward."""
     from caduceus.configuration import CaduceusModelConfig
     from caduceus.modeling import CaduceusForMaskedLM
+    from caduceus.ops.cuda import scan
+
+    monkeypatch.setattr(scan, "BACKWARD", backward)
 
     torch.manual_seed(0)
     model = CaduceusForMaskedLM(CaduceusModelConfig(d_model=118, n_layer=2))

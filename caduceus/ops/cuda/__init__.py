@@ -1,7 +1,8 @@
 """An optional CUDA backend: the selective scan forward as hand-written CUDA (``scan.cu``, compiled at run time with
-the NVRTC that PyTorch's CUDA wheels bring), everything else from the Triton backend (the scan's backward, the conv,
-the norm). Opt-in (``ops.set_backend("cuda")`` or ``CADUCEUS_BACKEND=cuda``); Triton stays the default. On an H100
-its forward is 1.17x the Triton forward's speed at one 131k sequence (BENCHMARKS.md).
+the NVRTC that PyTorch's CUDA wheels bring), everything else from the Triton backend (the scan's backward unless
+``scan.BACKWARD = "cuda"`` picks scan.cu's, the conv, the norm). Opt-in (``ops.set_backend("cuda")`` or
+``CADUCEUS_BACKEND=cuda``); Triton stays the default. On an H100 its forward is 1.17x the Triton forward's speed at one
+131k sequence (BENCHMARKS.md).
 """
 
 from caduceus.ops import Backend, _load, register_backend

@@ -1,6 +1,7 @@
-"""The selective scan, forward and backward, as CUDA kernels (``scan.cu``) compiled at run time with NVRTC, for bf16
-inputs on sm_80 or newer. The forward saves its states in the Triton backend's layout, so either backward can follow
-it (``BACKWARD``), and the time segments of both are chained by the Triton chaining kernel.
+"""The selective scan as CUDA kernels (``scan.cu``) compiled at run time with NVRTC, for bf16 inputs on sm_80 or
+newer: the forward, and a backward that is opt-in (``BACKWARD = "cuda"``) until it is measured faster than the Triton
+one, which the default feeds the states this forward saves in its layout. The time segments of both are chained by
+the Triton chaining kernel.
 
 NVRTC comes with PyTorch's CUDA wheels (the ``nvidia`` packages beside torch) or with a CUDA toolkit; the kernel is
 compiled once per GPU architecture and process (about a second) and launched through the driver API with ctypes, so
@@ -26,9 +27,11 @@ CHUNK = 64  # scan.cu saves the state every CHUNK walk steps; the Triton backwar
 # Time is cut into segments (two launches and the Triton chaining kernel between them) when fewer than CUT_BELOW
 # programs (batch rows x channel blocks) would run, into enough segments to make about PROGRAMS.
 CUT_BELOW, PROGRAMS = 512, 4096
-# The backward's segments (whole chunks), the same way; "triton": the Triton backward instead of scan.cu's.
+# The backward's segments (whole chunks), the same way; which backward runs: "triton" or "cuda" (scan.cu's: its first
+# version measured 1.5x slower on an H100, the one here, which stages rows through shared memory, is not measured yet;
+# BENCHMARKS.md).
 BWD_CUT_BELOW, BWD_PROGRAMS = 2048, 4096
-BACKWARD = "cuda"
+BACKWARD = "triton"
 KERNELS = ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state", "grad_fwd", "grad_rev", "grad_fwd_adjoint",
            "grad_rev_adjoint")
 
@@ -226,7 +229,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 class CudaSelectiveScanFn(triton_scan.SelectiveScanFn):
-    """scan.cu's forward and backward (with BACKWARD = "triton", the Triton backward, inherited)."""
+    """scan.cu's forward, then the Triton backward (inherited) or with BACKWARD = "cuda" scan.cu's."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save):

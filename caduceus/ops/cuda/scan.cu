@@ -31,13 +31,19 @@ template <int P> __device__ __forceinline__ void cp_wait() { asm volatile("cp.as
 #endif
 
 __device__ __forceinline__ float bf(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ void unpack(uint4 w, float (&f)[8]) {  // 8 bf16 -> 8 fp32 in registers
+    const unsigned v[4] = {w.x, w.y, w.z, w.w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(v[i] << 16);
+        f[2 * i + 1] = __uint_as_float(v[i] & 0xffff0000u);
+    }
+}
 __device__ __forceinline__ void widen(uint4 w, float* dst) {  // 8 bf16 -> 8 fp32 in shared memory
-    float4 lo = make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
-                            __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
-    float4 hi = make_float4(__uint_as_float(w.z << 16), __uint_as_float(w.z & 0xffff0000u),
-                            __uint_as_float(w.w << 16), __uint_as_float(w.w & 0xffff0000u));
-    *(float4*)dst = lo;
-    *(float4*)(dst + 4) = hi;
+    float f[8];
+    unpack(w, f);
+    *(float4*)dst = make_float4(f[0], f[1], f[2], f[3]);
+    *(float4*)(dst + 4) = make_float4(f[4], f[5], f[6], f[7]);
 }
 
 // The G lanes of a channel each hold partial outputs of the group's G steps; afterwards lane r holds step r's sum.
@@ -197,14 +203,6 @@ __device__ __forceinline__ void scan_fwd(
     }
 }
 
-__device__ __forceinline__ void unpack(uint4 w, float (&f)[8]) {  // 8 bf16 -> 8 fp32 in registers
-    const unsigned v[4] = {w.x, w.y, w.z, w.w};
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(v[i] << 16);
-        f[2 * i + 1] = __uint_as_float(v[i] & 0xffff0000u);
-    }
-}
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : LN2 * lg2(1.f + ex2(x * LOG2E)); }
 __device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LOG2E)); }
 __device__ __forceinline__ float pair_sum(float x) { return x + __shfl_xor_sync(FULL, x, 1); }  // over a channel's lanes
@@ -276,11 +274,11 @@ __device__ __forceinline__ void scan_bwd(
             const bool ok = i < L;
             const int t = ok ? time_of(i) : 0, bytes = ok ? 16 : 0, dst = j * 16 + q * 8;
             const size_t o = row0 + (size_t)t * D + blockIdx.x * 16 + q * 8;
-            cp16(s_u + dst, u + o, bytes);
+            if (!ADJ_ONLY) cp16(s_u + dst, u + o, bytes);  // the adjoint pass needs neither u nor B
             cp16(s_dt + dst, dt + o, bytes);
             cp16(s_z + dst, z + o, bytes);
             cp16(s_g + dst, dout + o, bytes);
-            cp16(s_B + dst, Bm + b * s_Bb + t * s_Bl + q * 8, bytes);
+            if (!ADJ_ONLY) cp16(s_B + dst, Bm + b * s_Bb + t * s_Bl + q * 8, bytes);
             cp16(s_C + dst, Cm + b * s_Cb + t * s_Cl + q * 8, bytes);
         }
         cp_commit();

@@ -4,7 +4,7 @@ caduceus/ops/triton/scan.py).
 
     PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--dtype bfloat16]
                                                 [--set KEY=VALUE ...] [--file scan.py] [--sass DIR] [--arch 90]
-    PYTHONPATH=. python benchmarks/sass_scan.py --cuda [--arch 90] [--sass DIR]
+    PYTHONPATH=. python benchmarks/sass_scan.py --cuda [--arch 90] [--sass DIR] [--set cuda_CHECKPOINT=8]
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
 device (an H100: sm_90; ``--arch 75`` a T4, which the kernels must also compile for), and launches compile without
@@ -162,10 +162,10 @@ def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None
 
 def report_cuda(arch: int, sass_dir: str | None) -> None:
     """The CUDA backend's scan.cu, compiled by NVRTC (PyTorch's CUDA wheels bring it; on a CPU-only machine
-    ``pip install nvidia-cuda-nvrtc``), one cubin holding its four entry points."""
-    from caduceus.ops.cuda.scan import compile_cubin
+    ``pip install nvidia-cuda-nvrtc``), one cubin holding all its entry points."""
+    from caduceus.ops.cuda.scan import CHECKPOINT, compile_cubin
 
-    report(f"scan.cu sm_{arch}", compile_cubin(arch), sass_dir)
+    report(f"scan.cu sm_{arch}", compile_cubin(arch, CHECKPOINT), sass_dir)
 
 
 def main() -> None:
@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true", help="the CUDA backend's scan.cu (NVRTC) instead")
     args = parser.parse_args()
     if args.cuda:
+        apply_settings(load_scan(None), args.set)  # cuda_CHECKPOINT=8, say
         report_cuda(args.arch, args.sass)
         return
     kernels = compile_scan(args.batch, args.length, args.dim, path=args.file, dtype=getattr(torch, args.dtype),

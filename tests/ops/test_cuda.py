@@ -5,9 +5,11 @@ blocks, reverse walks, time segments, the saved states) is checked wherever g++ 
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +31,7 @@ HOST = r"""
 #include <cstring>
 #define CADUCEUS_SCAN_HOST
 #define CHUNK %(chunk)d
+#define GRAD_CHECKPOINT %(checkpoint)d
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
@@ -82,17 +85,29 @@ GRAD_ENTRY_POINTS(GRAD_ENTRY)
 
 
 @pytest.fixture(scope="module")
-def host_kernels(tmp_path_factory) -> ctypes.CDLL:
+def host_build(tmp_path_factory) -> Callable[[int], ctypes.CDLL]:
+    """scan.cu compiled for the CPU, by the backward's checkpoint spacing (scan.CHECKPOINT), each built once."""
     if shutil.which("g++") is None:
         pytest.skip("compiling scan.cu for the CPU needs g++")
     tmp = tmp_path_factory.mktemp("scan_cu")
     (tmp / "barrier.cpp").write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
     if subprocess.run(["g++", "-std=c++20", "-o", tmp / "barrier", tmp / "barrier.cpp"]).returncode != 0:
         pytest.skip("this g++ has no C++20 std::barrier (GCC 11 or newer has)")
-    (tmp / "host.cpp").write_text(HOST % {"chunk": CHUNK, "source": SCAN_CU})
-    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", tmp / "host.so", tmp / "host.cpp",
-                    "-lpthread"], check=True)
-    return ctypes.CDLL(str(tmp / "host.so"))
+
+    @functools.cache
+    def build(checkpoint: int) -> ctypes.CDLL:
+        source, library = tmp / f"host{checkpoint}.cpp", tmp / f"host{checkpoint}.so"
+        source.write_text(HOST % {"chunk": CHUNK, "checkpoint": checkpoint, "source": SCAN_CU})
+        subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", library, source, "-lpthread"],
+                       check=True)
+        return ctypes.CDLL(str(library))
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def host_kernels(host_build) -> ctypes.CDLL:
+    return host_build(4)
 
 
 def bf16_inputs(batch: int, length: int, dim: int, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -161,15 +176,17 @@ def pointers(*ts: torch.Tensor | None) -> list[ctypes.c_void_p]:
     return [ctypes.c_void_p(0 if t is None else t.data_ptr()) for t in ts]
 
 
+@pytest.mark.parametrize("checkpoint", [4, 8])
 @pytest.mark.parametrize("reverse", [False, True])
 # one segment with a part chunk and a part piece at the walk's end; 5 segments of one chunk; 2 segments of two chunks,
 # the last with a part piece
 @pytest.mark.parametrize(("batch", "length", "dim", "seg_len"), [(2, 37, 32, 64), (1, 300, 16, 64),
                                                                  (1, 203, 32, 128)])
-def test_grad_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_len) -> None:
+def test_grad_cu_on_the_cpu(host_build, checkpoint, reverse, batch, length, dim, seg_len) -> None:
     """scan.cu's backward fed the states the forward saves (from states_reference here), against the float64
     reference's gradients; with several segments, the adjoint pass and the chaining (chain_reference, walked from the
     last segment) first."""
+    host_kernels = host_build(checkpoint)
     inputs = bf16_inputs(batch, length, dim)
     xs = list(inputs.values())
     u, delta, A, B, C, D, z, bias = xs
@@ -233,8 +250,8 @@ class HostDriver:
 
 @pytest.mark.parametrize("reverse", [False, True])
 # both walks cut into time segments: the forward's 16-step blocks, the backward's chunks (19 and 5; 63 and 16)
-@pytest.mark.parametrize(("batch", "length", "dim"), [(2, 300, 32), (1, 1000, 16)])
-def test_backend_on_the_cpu(host_kernels, monkeypatch, reverse, batch, length, dim) -> None:
+@pytest.mark.parametrize(("batch", "length", "dim", "checkpoint"), [(2, 300, 32, 4), (1, 1000, 16, 8)])
+def test_backend_on_the_cpu(host_build, monkeypatch, reverse, batch, length, dim, checkpoint) -> None:
     """CudaSelectiveScanFn as the GPU runs it, every launch going to the CPU build of its kernel through HostDriver
     and the chaining of segments to chain_reference: scan.py's argument packing, segment plans and gradient sums
     against the float64 reference."""
@@ -242,10 +259,11 @@ def test_backend_on_the_cpu(host_kernels, monkeypatch, reverse, batch, length, d
                         exc_type=ImportError)
     from caduceus.ops.cuda import scan
 
-    driver = HostDriver(host_kernels)
+    driver = HostDriver(host_build(checkpoint))
+    monkeypatch.setattr(scan, "CHECKPOINT", checkpoint)
     monkeypatch.setattr(scan, "_driver", lambda: driver)
     monkeypatch.setattr(scan, "_primary_context", lambda index: ctypes.c_void_p(1))
-    monkeypatch.setattr(scan, "_kernels", lambda index: {name: name for name in scan.KERNELS})
+    monkeypatch.setattr(scan, "_kernels", lambda index, checkpoint: {name: name for name in scan.KERNELS})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
 

@@ -14,7 +14,8 @@
 #define FULL 0xffffffffu
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
-// CHUNK, the walk steps between saved states (the Triton backward's chunk), is defined by scan.py's compile options.
+// CHUNK, the walk steps between saved states (the Triton backward's chunk), and GRAD_CHECKPOINT (see scan_bwd) are
+// defined by scan.py's compile options.
 typedef unsigned short bf16_t;
 
 #ifndef CADUCEUS_SCAN_HOST
@@ -232,7 +233,8 @@ __device__ __forceinline__ float channel_sum(const float (&p)[16], float* sums, 
 // The backward, for the same rows and lanes as the forward (lane 2c + r: states 8r .. 8r + 7 of channel c), over one
 // segment of seg_len walk steps (a multiple of CHUNK; one segment: seg_len >= L), walked from its end. Each chunk of
 // CHUNK walk steps is recomputed twice from the state the forward saved before it: once forward, keeping the state
-// before every SUB-th step in shared memory, then piece by piece backwards, each piece's states and decays in
+// before every CK-th step in shared memory (GRAD_CHECKPOINT: 4 or 8 steps, 16 or 8 KB a warp; with 8, every other
+// piece first recomputes the 4 steps before it), then piece by piece backwards, each piece's states and decays in
 // registers, with the adjoint dh taken back over the piece. Its rows come from shared memory, copied there while the
 // previous chunk's backward walk ran. du, ddt and dz are (b, l, d) rows like u; dA (b, S, d, n),
 // dD and dbias (b, S, d) are sums over the segment; dBC (b, d / 16, l, 2n) holds dB then dC of each step summed over
@@ -249,7 +251,8 @@ __device__ __forceinline__ void scan_bwd(
     long long s_Cb, long long s_Cl, int seg_len, float* __restrict__ seg_adj, float* __restrict__ seg_dt,
     bf16_t* __restrict__ du, bf16_t* __restrict__ ddt, bf16_t* __restrict__ dz, float* __restrict__ dA,
     float* __restrict__ dD, float* __restrict__ dbias, float* __restrict__ dBC) {
-    constexpr int N = 16, NV = 8, SUB = 4;
+    constexpr int N = 16, NV = 8, SUB = 4, CK = GRAD_CHECKPOINT;
+    static_assert(CK % SUB == 0 && CHUNK % CK == 0, "checkpoints every whole number of pieces");
     const int lane = threadIdx.x, c = lane / 2, r = lane % 2, n0 = r * NV;
     const int b = blockIdx.y, d = blockIdx.x * 16 + c, seg = blockIdx.z;
     const int start = seg * seg_len, end = min(L, start + seg_len);
@@ -315,10 +318,17 @@ __device__ __forceinline__ void scan_bwd(
         return;
     }
 
-    __shared__ __align__(16) float s_ck[CHUNK / SUB * 32 * NV];  // the state before each piece of a chunk, by lane
+    __shared__ __align__(16) float s_ck[CHUNK / CK * 32 * NV];  // the state before every CK-th step of a chunk, by lane
     __shared__ __align__(16) float s_sums[16 * 36];
     float dA_acc[NV] = {}, dD_acc = 0.f, dbias_acc = 0.f;
     float* const part = dBC + ((size_t)b * (D / 16) + blockIdx.x) * L * (2 * N) + (c < 8 ? 0 : N) + n0 + c % 8;
+    auto advance = [&](float (&h)[NV], int j) {  // the state after step j of the chunk, from the one before it
+        const float dtv = softplus(bf(s_dt[j * 16 + c]) + bias_d), dtu = dtv * bf(s_u[j * 16 + c]);
+        float Bf[8];
+        rows(s_B, j, Bf);
+        #pragma unroll
+        for (int k = 0; k < NV; ++k) h[k] = fmaf(h[k], ex2(dtv * A2[k]), dtu * Bf[k]);
+    };
     for (int c0 = last; c0 >= start; c0 -= CHUNK) {
         const int steps = min(end, c0 + CHUNK) - c0, pieces = (steps + SUB - 1) / SUB;
         for (int piece = pieces; piece < CHUNK / SUB; ++piece) copy_piece(c0 - CHUNK, piece);  // rows not used here
@@ -328,26 +338,26 @@ __device__ __forceinline__ void scan_bwd(
         for (int k = 0; k < NV; ++k) h[k] = saved[k];
         cp_wait<0>();
         __syncwarp();
-        for (int j0 = 0; j0 < steps; j0 += SUB) {  // forward over the chunk, keeping the state before each piece
-            float* ck = s_ck + (j0 / SUB * 32 + lane) * NV;
+        for (int j0 = 0; j0 < steps; j0 += CK) {  // forward over the chunk, keeping the state before every CK-th step
+            float* ck = s_ck + (j0 / CK * 32 + lane) * NV;
             #pragma unroll
             for (int k = 0; k < NV; k += 4) *(float4*)(ck + k) = make_float4(h[k], h[k + 1], h[k + 2], h[k + 3]);
             #pragma unroll
-            for (int j = j0; j < j0 + SUB; ++j) {
+            for (int j = j0; j < j0 + CK; ++j) {
                 if (j >= steps) break;
-                const float dtv = softplus(bf(s_dt[j * 16 + c]) + bias_d), dtu = dtv * bf(s_u[j * 16 + c]);
-                float Bf[8];
-                rows(s_B, j, Bf);
-                #pragma unroll
-                for (int k = 0; k < NV; ++k) h[k] = fmaf(h[k], ex2(dtv * A2[k]), dtu * Bf[k]);
+                advance(h, j);
             }
         }
         for (int piece = pieces - 1; piece >= 0; --piece) {  // the pieces backwards
-            const int j0 = piece * SUB;
+            const int j0 = piece * SUB, k0 = j0 / CK * CK;  // the piece's first step, and the checkpoint before it
             float hs[SUB + 1][NV], a[SUB][NV], dts[SUB];
-            const float* ck = s_ck + (piece * 32 + lane) * NV;
+            const float* ck = s_ck + (k0 / CK * 32 + lane) * NV;
             #pragma unroll
             for (int k = 0; k < NV; ++k) hs[0][k] = ck[k];
+            #pragma unroll
+            for (int m = 0; m < CK - SUB; ++m) {  // from the checkpoint to the piece (CK > SUB: fewer checkpoints)
+                if (k0 + m < j0) advance(hs[0], k0 + m);
+            }
             #pragma unroll
             for (int m = 0; m < SUB; ++m) {  // steps past the chunk's end (only in the sequence's last) change nothing
                 const int j = j0 + m;

@@ -32,6 +32,9 @@ CUT_BELOW, PROGRAMS = 512, 4096
 # BENCHMARKS.md).
 BWD_CUT_BELOW, BWD_PROGRAMS = 2048, 4096
 BACKWARD = "triton"
+# scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 4 (16 KB a warp) or 8
+# (8 KB: more warps an SM, for a 4-step recompute more every 8 steps).
+CHECKPOINT = 4
 KERNELS = ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state", "grad_fwd", "grad_rev", "grad_fwd_adjoint",
            "grad_rev_adjoint")
 
@@ -58,8 +61,8 @@ def _check(status: int, what: str) -> None:
 
 
 @functools.cache
-def compile_cubin(arch: int) -> bytes:
-    """scan.cu as machine code for sm_<arch> (e.g. 90)."""
+def compile_cubin(arch: int, checkpoint: int = 4) -> bytes:
+    """scan.cu as machine code for sm_<arch> (e.g. 90), its backward keeping a state every ``checkpoint`` steps."""
     path = nvrtc_path()
     if path is None:
         raise RuntimeError("the CUDA scan backend needs NVRTC (libnvrtc), which came with neither PyTorch nor CUDA")
@@ -69,7 +72,7 @@ def compile_cubin(arch: int) -> bytes:
            "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"-default-device", b"--ftz=true",
-                f"-DCHUNK={CHUNK}".encode()]
+                f"-DCHUNK={CHUNK}".encode(), f"-DGRAD_CHECKPOINT={checkpoint}".encode()]
         status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         if status != 0:
             size = ctypes.c_size_t()
@@ -110,14 +113,15 @@ def _make_current(device_index: int) -> ctypes.c_void_p | None:
 
 
 @functools.cache
-def _kernels(device_index: int) -> dict[str, ctypes.c_void_p]:
-    """scan.cu's entry points (KERNELS), loaded into the device's primary context (PyTorch's; _launch has made it
-    current)."""
+def _kernels(device_index: int, checkpoint: int) -> dict[str, ctypes.c_void_p]:
+    """scan.cu's entry points (KERNELS) compiled with ``checkpoint``, loaded into the device's primary context
+    (PyTorch's; _launch has made it current)."""
     with torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
         cuda = _driver()
         module = ctypes.c_void_p()
-        _check(cuda.cuModuleLoadData(ctypes.byref(module), compile_cubin(10 * major + minor)), "cuModuleLoadData")
+        _check(cuda.cuModuleLoadData(ctypes.byref(module), compile_cubin(10 * major + minor, checkpoint)),
+               "cuModuleLoadData")
         kernels = {}
         for name in KERNELS:
             fn = ctypes.c_void_p()
@@ -159,7 +163,7 @@ def _launch(name: str, grid: tuple[int, int, int], args: list) -> None:
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
     index = device.index if device.index is not None else torch.cuda.current_device()
     previous = _make_current(index)
-    kernel = _kernels(index)[name]
+    kernel = _kernels(index, CHECKPOINT)[name]
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     _check(_driver().cuLaunchKernel(kernel, *grid, 32, 1, 1, 0, stream, pointers, None), f"cuLaunchKernel {name}")
     if previous is not None:

@@ -133,12 +133,20 @@ def states_reference(u, delta, A, B, bias, reverse: bool) -> torch.Tensor:
     return torch.stack(saved, 1)
 
 
-def chain_reference(seg_state: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """What each segment receives, in walk order: r[k + 1] = exp(A * seg_dt[k]) r[k] + seg_state[k], r[0] = 0."""
+def chain_reference(seg_state: torch.Tensor, seg_dt: torch.Tensor, A: torch.Tensor,
+                    reverse: bool = False) -> torch.Tensor:
+    """What each segment receives, as triton_scan._chain_segments: in walk order r[k + 1] = exp(A * seg_dt[k]) r[k] +
+    seg_state[k], r[0] = 0; with ``reverse`` (the backward's adjoints) passed from the last segment to the first."""
+    if reverse:
+        return chain_reference(seg_state.flip(1), seg_dt.flip(1), A).flip(1)
     recv = torch.zeros_like(seg_state)
     for k in range(1, seg_state.shape[1]):
         recv[:, k] = torch.exp(seg_dt[:, k - 1, :, None] * A) * recv[:, k - 1] + seg_state[:, k - 1]
     return recv
+
+
+def pointers(*ts: torch.Tensor | None) -> list[ctypes.c_void_p]:
+    return [ctypes.c_void_p(0 if t is None else t.data_ptr()) for t in ts]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -170,10 +178,6 @@ def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_block
     expected = selective_scan_reference(*(x.double() for x in xs), delta_softplus=True, reverse=reverse)
     assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
     assert relative_error(states, states_reference(u, delta, A, B, bias, reverse)) < 1e-5
-
-
-def pointers(*ts: torch.Tensor | None) -> list[ctypes.c_void_p]:
-    return [ctypes.c_void_p(0 if t is None else t.data_ptr()) for t in ts]
 
 
 @pytest.mark.parametrize("checkpoint", [4, 8])
@@ -210,7 +214,7 @@ def test_grad_cu_on_the_cpu(host_build, checkpoint, reverse, batch, length, dim,
     init = None
     if n_seg > 1:
         run(f"grad_{direction}_adjoint", None)
-        init = chain_reference(seg_adj.flip(1), seg_dt.flip(1), A).flip(1)
+        init = chain_reference(seg_adj, seg_dt, A, reverse=True)
     run(f"grad_{direction}", init)
     leaves = [x.double().requires_grad_() for x in xs]
     selective_scan_reference(*leaves, delta_softplus=True, reverse=reverse).backward(dout.double())
@@ -267,10 +271,7 @@ def test_backend_on_the_cpu(host_build, monkeypatch, reverse, batch, length, dim
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
 
-    def chain(seg, seg_dt, A, reverse):
-        return chain_reference(seg.flip(1), seg_dt.flip(1), A).flip(1) if reverse else chain_reference(seg, seg_dt, A)
-
-    monkeypatch.setattr(scan.triton_scan, "_chain_segments", chain)
+    monkeypatch.setattr(scan.triton_scan, "_chain_segments", chain_reference)
     monkeypatch.setattr(scan, "BACKWARD", "cuda")
 
     def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):

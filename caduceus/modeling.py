@@ -44,6 +44,13 @@ def rc_hidden(x: torch.Tensor) -> torch.Tensor:
     return x.flip(dims=(-2, -1))
 
 
+def dt_bias(uniform: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
+    """Mamba's dt_proj bias from uniform samples in [0, 1): the inverse softplus of a log-uniform step in
+    [dt_min, dt_max] (at least ``floor``), so that softplus(bias) starts as that step."""
+    dt = torch.exp(uniform * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with the residual add fused in front: returns (norm(x + residual), x + residual)."""
 
@@ -105,9 +112,7 @@ class Mamba(nn.Module):
             nn.init.uniform_(self.dt_proj.weight, -std, std)
         else:
             raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
-        log_dt = torch.rand(self.dt_proj.bias.shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = torch.exp(log_dt).clamp(min=dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj.bias.copy_(dt_bias(torch.rand(self.dt_proj.bias.shape), dt_min, dt_max, dt_init_floor))
         self.dt_proj.bias._no_reinit = True
 
     def forward(

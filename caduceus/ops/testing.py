@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 
 import torch
 
+from caduceus.modeling import dt_bias
 from caduceus.ops import use_backend
 from caduceus.ops.reference import selective_scan_reference
 
@@ -47,11 +47,10 @@ def scan_inputs(batch: int, length: int, dim: int, dtype: torch.dtype = torch.bf
         u, delta, z = (randn(batch, length, dim).to(dtype) for _ in range(3))
     delta = (delta.float() * 0.5 if full else delta.float().abs() * 0.1).to(dtype)
     bc = randn(batch, length, dt_rank + 2 * n_state).to(dtype)
-    dt = torch.exp(rand(dim) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     return {"u": u, "delta": delta, "A": -rand(dim, n_state) * n_state - 0.05,
             "B": bc[..., dt_rank:dt_rank + n_state], "C": bc[..., dt_rank + n_state:],
             "D": randn(dim) if full else None, "z": z if full else None,
-            "delta_bias": dt + torch.log(-torch.expm1(-dt)) if full else None}
+            "delta_bias": dt_bias(rand(dim)) if full else None}
 
 
 def scan_errors(selective_scan: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor | None],

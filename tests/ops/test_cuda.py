@@ -253,7 +253,8 @@ class HostDriver:
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-# both walks cut into time segments: the forward's 16-step blocks, the backward's chunks (19 and 5; 63 and 16)
+# both walks cut into time segments, the last one short: the forward's of 4 and 3 16-step blocks (PROGRAMS 24: 5 and
+# 21 segments), the backward's of one 64-step chunk (5 and 16)
 @pytest.mark.parametrize(("batch", "length", "dim", "checkpoint"), [(2, 300, 32, 4), (1, 1000, 16, 8)])
 def test_backend_on_the_cpu(host_build, monkeypatch, reverse, batch, length, dim, checkpoint) -> None:
     """CudaSelectiveScanFn as the GPU runs it, every launch going to the CPU build of its kernel through HostDriver
@@ -273,6 +274,7 @@ def test_backend_on_the_cpu(host_build, monkeypatch, reverse, batch, length, dim
 
     monkeypatch.setattr(scan.triton_scan, "_chain_segments", chain_reference)
     monkeypatch.setattr(scan, "BACKWARD", "cuda")
+    monkeypatch.setattr(scan, "PROGRAMS", 24)
 
     def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
         return scan.CudaSelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, True)

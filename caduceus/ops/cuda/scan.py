@@ -135,14 +135,6 @@ def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
-def plan(batch: int, length: int, dim: int) -> tuple[int, int]:
-    """Blocks of STEPS steps per time segment, and segments."""
-    blocks, programs = -(-length // STEPS), batch * dim // CHANNELS
-    target = max(1, PROGRAMS // programs) if programs < CUT_BELOW else 1
-    seg_blocks = max(1, -(-blocks // target))
-    return seg_blocks, -(-blocks // seg_blocks)
-
-
 def supports(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> bool:
     """Whether scan.cu covers this call (else the Triton kernels take it)."""
     if D is None or z is None or delta_bias is None or not delta_softplus or not u.is_cuda:
@@ -180,13 +172,14 @@ def scan_forward(u, delta, A, B, C, D, z, bias, reverse: bool, states: torch.Ten
     (b, l, d) bf16; B, C (b, l, 16) rows 16-byte aligned; A (d, 16), D, bias (d,) float32; states, if given, the
     (b, chunks, d, 16) float32 tensor the backward reads."""
     batch, length, dim = u.shape
-    seg_blocks, n_seg = plan(batch, length, dim)
+    cfg = {"cut_below": CUT_BELOW, "programs": PROGRAMS}
+    seg_len, n_seg = triton_scan._segments(length, batch * dim // CHANNELS, cfg, STEPS)
     out = torch.empty_like(u)
     direction = "rev" if reverse else "fwd"
 
     def launch(name: str, seg_state=None, seg_dt=None, init=None, saved=None) -> None:
         _launch(name, (dim // CHANNELS, batch, n_seg), [u, delta, A, B, C, D, z, bias, out,
-                                                        *_rows(length, dim, B, C), ctypes.c_int(seg_blocks),
+                                                        *_rows(length, dim, B, C), ctypes.c_int(seg_len // STEPS),
                                                         seg_state, seg_dt, init, saved])
 
     init = None

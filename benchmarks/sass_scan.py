@@ -4,7 +4,7 @@ caduceus/ops/triton/scan.py).
 
     PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--dtype bfloat16]
                                                 [--set KEY=VALUE ...] [--file scan.py] [--sass DIR] [--arch 90]
-    PYTHONPATH=. python benchmarks/sass_scan.py --cuda [--arch 90] [--sass DIR] [--set cuda_CHECKPOINT=8]
+    PYTHONPATH=. python benchmarks/sass_scan.py --cuda [--arch 90] [--sass DIR] [--set cuda_CHECKPOINT=4]
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
 device (an H100: sm_90; ``--arch 75`` a T4, which the kernels must also compile for), and launches compile without

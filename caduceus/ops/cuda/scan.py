@@ -27,14 +27,13 @@ CHUNK = 64  # scan.cu saves the state every CHUNK walk steps; the Triton backwar
 # Time is cut into segments (two launches and the Triton chaining kernel between them) when fewer than CUT_BELOW
 # programs (batch rows x channel blocks) would run, into enough segments to make about PROGRAMS.
 CUT_BELOW, PROGRAMS = 512, 4096
-# The backward's segments (whole chunks), the same way; which backward runs: "triton" or "cuda" (scan.cu's: its first
-# version measured 1.5x slower on an H100, the one here, which stages rows through shared memory, is not measured yet;
-# BENCHMARKS.md).
+# The backward's segments (whole chunks), the same way; which backward runs: "triton" or "cuda" (scan.cu's, which
+# measured 0.83-0.87x the Triton backward's speed on an H100; BENCHMARKS.md).
 BWD_CUT_BELOW, BWD_PROGRAMS = 2048, 4096
 BACKWARD = "triton"
-# scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 4 (16 KB a warp) or 8
-# (8 KB: more warps an SM, for a 4-step recompute more every 8 steps).
-CHECKPOINT = 4
+# scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 8 (8 KB a warp) or 4
+# (16 KB: fewer warps an SM, for 4 steps less recompute every 8; measured no faster anywhere, 10% slower at 64 x 1,024).
+CHECKPOINT = 8
 KERNELS = ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state", "grad_fwd", "grad_rev", "grad_fwd_adjoint",
            "grad_rev_adjoint")
 

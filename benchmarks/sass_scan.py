@@ -5,6 +5,7 @@ caduceus/ops/triton/scan.py).
     PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--dtype bfloat16]
                                                 [--set KEY=VALUE ...] [--file scan.py] [--sass DIR] [--arch 90]
     PYTHONPATH=. python benchmarks/sass_scan.py --cuda [--arch 90] [--sass DIR] [--set cuda_CHECKPOINT=4]
+                                                [--set cuda_SUMS=4]
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
 device (an H100: sm_90; ``--arch 75`` a T4, which the kernels must also compile for), and launches compile without
@@ -163,9 +164,9 @@ def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None
 def report_cuda(arch: int, sass_dir: str | None) -> None:
     """The CUDA backend's scan.cu, compiled by NVRTC (PyTorch's CUDA wheels bring it; on a CPU-only machine
     ``pip install nvidia-cuda-nvrtc``), one cubin holding all its entry points."""
-    from caduceus.ops.cuda.scan import CHECKPOINT, compile_cubin
+    from caduceus.ops.cuda.scan import CHECKPOINT, SUMS, compile_cubin
 
-    report(f"scan.cu sm_{arch}", compile_cubin(arch, CHECKPOINT), sass_dir)
+    report(f"scan.cu sm_{arch}", compile_cubin(arch, CHECKPOINT, SUMS), sass_dir)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ def add_settings_argument(parser: argparse.ArgumentParser) -> None:
 
 def apply_settings(scan: ModuleType, items: list[str]) -> None:
     """Set the scan module's FWD_CONFIG entries (``bwd_KEY``: BWD_CONFIG's; ``cuda_KEY``: the CUDA backend's
-    CUT_BELOW, PROGRAMS, their BWD_ twins, BACKWARD or CHECKPOINT) from KEY=VALUE strings, values as Python
+    CUT_BELOW, PROGRAMS, their BWD_ twins, BACKWARD, CHECKPOINT or SUMS) from KEY=VALUE strings, values as Python
     literals; a key that is not there is refused rather than added."""
     for item in items:
         key, sep, value = item.partition("=")
@@ -24,7 +24,7 @@ def apply_settings(scan: ModuleType, items: list[str]) -> None:
             from caduceus.ops.cuda import scan as cuda_scan
 
             target, name = vars(cuda_scan), key.removeprefix("cuda_")
-            known = ("CUT_BELOW", "PROGRAMS", "BWD_CUT_BELOW", "BWD_PROGRAMS", "BACKWARD", "CHECKPOINT")
+            known = ("CUT_BELOW", "PROGRAMS", "BWD_CUT_BELOW", "BWD_PROGRAMS", "BACKWARD", "CHECKPOINT", "SUMS")
         else:
             target = scan.BWD_CONFIG if key.startswith("bwd_") else scan.FWD_CONFIG
             name = key.removeprefix("bwd_")

@@ -32,6 +32,7 @@ HOST = r"""
 #define CADUCEUS_SCAN_HOST
 #define CHUNK %(chunk)d
 #define GRAD_CHECKPOINT %(checkpoint)d
+#define GRAD_SUMS %(sums)d
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
@@ -85,8 +86,9 @@ GRAD_ENTRY_POINTS(GRAD_ENTRY)
 
 
 @pytest.fixture(scope="module")
-def host_build(tmp_path_factory) -> Callable[[int], ctypes.CDLL]:
-    """scan.cu compiled for the CPU, by the backward's checkpoint spacing (scan.CHECKPOINT), each built once."""
+def host_build(tmp_path_factory) -> Callable[..., ctypes.CDLL]:
+    """scan.cu compiled for the CPU, by the backward's checkpoint spacing and channel-sum grouping (scan.CHECKPOINT,
+    scan.SUMS), each built once."""
     if shutil.which("g++") is None:
         pytest.skip("compiling scan.cu for the CPU needs g++")
     tmp = tmp_path_factory.mktemp("scan_cu")
@@ -95,11 +97,13 @@ def host_build(tmp_path_factory) -> Callable[[int], ctypes.CDLL]:
         pytest.skip("this g++ has no C++20 std::barrier (GCC 11 or newer has)")
 
     @functools.cache
-    def build(checkpoint: int) -> ctypes.CDLL:
-        source, library = tmp / f"host{checkpoint}.cpp", tmp / f"host{checkpoint}.so"
-        source.write_text(HOST % {"chunk": CHUNK, "checkpoint": checkpoint, "source": SCAN_CU})
-        subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", library, source, "-lpthread"],
-                       check=True)
+    def build(checkpoint: int, sums: int = 1) -> ctypes.CDLL:
+        source, library = tmp / f"host{checkpoint}_{sums}.cpp", tmp / f"host{checkpoint}_{sums}.so"
+        source.write_text(HOST % {"chunk": CHUNK, "checkpoint": checkpoint, "sums": sums, "source": SCAN_CU})
+        # -fno-gnu-unique: else the dynamic linker makes every build share the first one's function-local statics
+        # (the shared-memory arrays), whose sizes differ between builds
+        subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-fno-gnu-unique", "-o", library, source,
+                        "-lpthread"], check=True)
         return ctypes.CDLL(str(library))
 
     return build
@@ -180,17 +184,18 @@ def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_block
     assert relative_error(states, states_reference(u, delta, A, B, bias, reverse)) < 1e-5
 
 
-@pytest.mark.parametrize("checkpoint", [4, 8])
+# each checkpoint spacing and channel-sum grouping (scan.CHECKPOINT, scan.SUMS)
+@pytest.mark.parametrize(("checkpoint", "sums"), [(4, 1), (8, 1), (8, 2), (4, 4)])
 @pytest.mark.parametrize("reverse", [False, True])
 # one segment with a part chunk and a part piece at the walk's end; 5 segments of one chunk; 2 segments of two chunks,
 # the last with a part piece
 @pytest.mark.parametrize(("batch", "length", "dim", "seg_len"), [(2, 37, 32, 64), (1, 300, 16, 64),
                                                                  (1, 203, 32, 128)])
-def test_grad_cu_on_the_cpu(host_build, checkpoint, reverse, batch, length, dim, seg_len) -> None:
+def test_grad_cu_on_the_cpu(host_build, checkpoint, sums, reverse, batch, length, dim, seg_len) -> None:
     """scan.cu's backward fed the states the forward saves (from states_reference here), against the float64
     reference's gradients; with several segments, the adjoint pass and the chaining (chain_reference, walked from the
     last segment) first."""
-    host_kernels = host_build(checkpoint)
+    host_kernels = host_build(checkpoint, sums)
     inputs = bf16_inputs(batch, length, dim)
     xs = list(inputs.values())
     u, delta, A, B, C, D, z, bias = xs
@@ -268,7 +273,7 @@ def test_backend_on_the_cpu(host_build, monkeypatch, reverse, batch, length, dim
     monkeypatch.setattr(scan, "CHECKPOINT", checkpoint)
     monkeypatch.setattr(scan, "_driver", lambda: driver)
     monkeypatch.setattr(scan, "_primary_context", lambda index: ctypes.c_void_p(1))
-    monkeypatch.setattr(scan, "_kernels", lambda index, checkpoint: {name: name for name in scan.KERNELS})
+    monkeypatch.setattr(scan, "_kernels", lambda index, checkpoint, sums: {name: name for name in scan.KERNELS})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
 

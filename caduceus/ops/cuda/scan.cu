@@ -14,8 +14,8 @@
 #define FULL 0xffffffffu
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
-// CHUNK, the walk steps between saved states (the Triton backward's chunk), and GRAD_CHECKPOINT (see scan_bwd) are
-// defined by scan.py's compile options.
+// CHUNK, the walk steps between saved states (the Triton backward's chunk), GRAD_CHECKPOINT and GRAD_SUMS (see
+// scan_bwd) are defined by scan.py's compile options.
 typedef unsigned short bf16_t;
 
 #ifndef CADUCEUS_SCAN_HOST
@@ -209,19 +209,21 @@ __device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LO
 __device__ __forceinline__ float pair_sum(float x) { return x + __shfl_xor_sync(FULL, x, 1); }  // over a channel's lanes
 
 // dB (p[0 .. 7]) and dC (p[8 .. 15]) of lane (c, r)'s channel and states summed over the warp's 16 channels, through
-// shared memory: lane (c, r) writes its 16 values into row c of `sums` (16 rows of 36 words; the pad keeps both the
-// vector writes and the column reads free of bank conflicts) at words 16 r .. 16 r + 15, then lane (c', r') adds up
+// shared memory, in two halves so that several steps' sums can share one pair of barriers: put_sums writes lane
+// (c, r)'s 16 values into row c of `sums` (16 rows of 36 words; the pad keeps both the vector writes and the column
+// reads free of bank conflicts) at words 16 r .. 16 r + 15; after a __syncwarp, column_sum has lane (c', r') add up
 // column 16 r' + c' in a fixed order: the sum for state 8 r' + c' % 8 of dB (c' < 8) or dC (4 + 16 shared memory
 // accesses and 15 adds against a reduce-scatter's 15 shuffles, 15 adds and 30 selects).
-__device__ __forceinline__ float channel_sum(const float (&p)[16], float* sums, int lane) {
+constexpr int SUMS_WORDS = 16 * 36;
+__device__ __forceinline__ void put_sums(const float (&p)[16], float* sums, int lane) {
     float* row = sums + lane / 2 * 36 + lane % 2 * 16;
     #pragma unroll
     for (int q = 0; q < 16; q += 4) *(float4*)(row + q) = make_float4(p[q], p[q + 1], p[q + 2], p[q + 3]);
-    __syncwarp();
+}
+__device__ __forceinline__ float column_sum(const float* sums, int lane) {
     float t[16];
     #pragma unroll
     for (int i = 0; i < 16; ++i) t[i] = sums[i * 36 + lane % 2 * 16 + lane / 2];
-    __syncwarp();  // the next write waits for every lane's reads
     #pragma unroll
     for (int level = 0; level < 4; ++level) {
         #pragma unroll
@@ -238,7 +240,9 @@ __device__ __forceinline__ float channel_sum(const float (&p)[16], float* sums, 
 // registers, with the adjoint dh taken back over the piece. Its rows come from shared memory, copied there while the
 // previous chunk's backward walk ran. du, ddt and dz are (b, l, d) rows like u; dA (b, S, d, n),
 // dD and dbias (b, S, d) are sums over the segment; dBC (b, d / 16, l, 2n) holds dB then dC of each step summed over
-// the 16 channels (scan.py adds the channel blocks). These are the Triton backward's layouts (triton/scan.py).
+// the 16 channels (scan.py adds the channel blocks). These are the Triton backward's layouts (triton/scan.py). The
+// channel sums of GRAD_SUMS steps (1, 2 or 4; 2.3 KB of shared memory a warp each) are taken together, between one
+// pair of barriers, so that the steps' other work can overlap around them.
 // With several segments the adjoint runs twice: first ADJ_ONLY, each segment from a zero adjoint at its end, writing
 // the adjoint at its start and its sum of dt (seg_adj, seg_dt); after the chaining kernel, again with each segment's
 // true incoming adjoint (init).
@@ -251,8 +255,9 @@ __device__ __forceinline__ void scan_bwd(
     long long s_Cb, long long s_Cl, int seg_len, float* __restrict__ seg_adj, float* __restrict__ seg_dt,
     bf16_t* __restrict__ du, bf16_t* __restrict__ ddt, bf16_t* __restrict__ dz, float* __restrict__ dA,
     float* __restrict__ dD, float* __restrict__ dbias, float* __restrict__ dBC) {
-    constexpr int N = 16, NV = 8, SUB = 4, CK = GRAD_CHECKPOINT;
+    constexpr int N = 16, NV = 8, SUB = 4, CK = GRAD_CHECKPOINT, SUMS = GRAD_SUMS;
     static_assert(CK % SUB == 0 && CHUNK % CK == 0, "checkpoints every whole number of pieces");
+    static_assert(SUB % SUMS == 0, "channel sums of whole groups of a piece's steps");
     const int lane = threadIdx.x, c = lane / 2, r = lane % 2, n0 = r * NV;
     const int b = blockIdx.y, d = blockIdx.x * 16 + c, seg = blockIdx.z;
     const int start = seg * seg_len, end = min(L, start + seg_len);
@@ -319,7 +324,7 @@ __device__ __forceinline__ void scan_bwd(
     }
 
     __shared__ __align__(16) float s_ck[CHUNK / CK * 32 * NV];  // the state before every CK-th step of a chunk, by lane
-    __shared__ __align__(16) float s_sums[16 * 36];
+    __shared__ __align__(16) float s_sums[SUMS * SUMS_WORDS];  // the channel sums of SUMS steps at a time
     float dA_acc[NV] = {}, dD_acc = 0.f, dbias_acc = 0.f;
     float* const part = dBC + ((size_t)b * (D / 16) + blockIdx.x) * L * (2 * N) + (c < 8 ? 0 : N) + n0 + c % 8;
     auto advance = [&](float (&h)[NV], int j) {  // the state after step j of the chunk, from the one before it
@@ -410,7 +415,16 @@ __device__ __forceinline__ void scan_bwd(
                 } else {
                     dz[o] = to_bf(dzo);
                 }
-                part[(size_t)t * (2 * N)] = channel_sum(p, s_sums, lane);
+                put_sums(p, s_sums + m % SUMS * SUMS_WORDS, lane);
+                if (m % SUMS == 0) {  // the group of steps m .. m + SUMS - 1, walked down to m
+                    __syncwarp();
+                    #pragma unroll
+                    for (int i = 0; i < SUMS; ++i) {
+                        const float sum = column_sum(s_sums + i * SUMS_WORDS, lane);
+                        if (j + i < steps) part[(size_t)time_of(c0 + j + i) * (2 * N)] = sum;
+                    }
+                    __syncwarp();  // the next group's writes wait for every lane's reads
+                }
             }
             __syncwarp();  // every lane is done with the piece's rows
             copy_piece(c0 - CHUNK, piece);

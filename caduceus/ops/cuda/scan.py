@@ -34,6 +34,9 @@ BACKWARD = "triton"
 # scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 8 (8 KB a warp) or 4
 # (16 KB: fewer warps an SM, for 4 steps less recompute every 8; measured no faster anywhere, 10% slower at 64 x 1,024).
 CHECKPOINT = 8
+# scan.cu's backward sums dB and dC over its channels SUMS steps at a time (1, 2 or 4): fewer barriers between steps
+# for 2.3 KB more shared memory a warp per step; 1 is the one measured (BENCHMARKS.md).
+SUMS = 1
 KERNELS = ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state", "grad_fwd", "grad_rev", "grad_fwd_adjoint",
            "grad_rev_adjoint")
 
@@ -60,8 +63,9 @@ def _check(status: int, what: str) -> None:
 
 
 @functools.cache
-def compile_cubin(arch: int, checkpoint: int = 4) -> bytes:
-    """scan.cu as machine code for sm_<arch> (e.g. 90), its backward keeping a state every ``checkpoint`` steps."""
+def compile_cubin(arch: int, checkpoint: int = 8, sums: int = 1) -> bytes:
+    """scan.cu as machine code for sm_<arch> (e.g. 90), its backward keeping a state every ``checkpoint`` steps and
+    summing dB and dC over channels ``sums`` steps at a time."""
     path = nvrtc_path()
     if path is None:
         raise RuntimeError("the CUDA scan backend needs NVRTC (libnvrtc), which came with neither PyTorch nor CUDA")
@@ -71,7 +75,8 @@ def compile_cubin(arch: int, checkpoint: int = 4) -> bytes:
            "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"-default-device", b"--ftz=true",
-                f"-DCHUNK={CHUNK}".encode(), f"-DGRAD_CHECKPOINT={checkpoint}".encode()]
+                f"-DCHUNK={CHUNK}".encode(), f"-DGRAD_CHECKPOINT={checkpoint}".encode(),
+                f"-DGRAD_SUMS={sums}".encode()]
         status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         if status != 0:
             size = ctypes.c_size_t()
@@ -112,14 +117,14 @@ def _make_current(device_index: int) -> ctypes.c_void_p | None:
 
 
 @functools.cache
-def _kernels(device_index: int, checkpoint: int) -> dict[str, ctypes.c_void_p]:
-    """scan.cu's entry points (KERNELS) compiled with ``checkpoint``, loaded into the device's primary context
-    (PyTorch's; _launch has made it current)."""
+def _kernels(device_index: int, checkpoint: int, sums: int) -> dict[str, ctypes.c_void_p]:
+    """scan.cu's entry points (KERNELS) compiled with ``checkpoint`` and ``sums``, loaded into the device's primary
+    context (PyTorch's; _launch has made it current)."""
     with torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
         cuda = _driver()
         module = ctypes.c_void_p()
-        _check(cuda.cuModuleLoadData(ctypes.byref(module), compile_cubin(10 * major + minor, checkpoint)),
+        _check(cuda.cuModuleLoadData(ctypes.byref(module), compile_cubin(10 * major + minor, checkpoint, sums)),
                "cuModuleLoadData")
         kernels = {}
         for name in KERNELS:
@@ -154,7 +159,7 @@ def _launch(name: str, grid: tuple[int, int, int], args: list) -> None:
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
     index = device.index if device.index is not None else torch.cuda.current_device()
     previous = _make_current(index)
-    kernel = _kernels(index, CHECKPOINT)[name]
+    kernel = _kernels(index, CHECKPOINT, SUMS)[name]
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     _check(_driver().cuLaunchKernel(kernel, *grid, 32, 1, 1, 0, stream, pointers, None), f"cuLaunchKernel {name}")
     if previous is not None:

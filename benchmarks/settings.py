@@ -1,5 +1,5 @@
-"""``--set KEY=VALUE`` for the benchmark scripts: launch settings of the Triton scan (or of the CUDA backend's time
-segments) changed for one run."""
+"""``--set KEY=VALUE`` for the benchmark scripts: launch settings of the Triton scan (or of the CUDA backend) changed
+for one run."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from types import ModuleType
 
 def add_settings_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a FWD_CONFIG entry (bwd_KEY: BWD_CONFIG's; cuda_KEY: the CUDA backend's time "
-                             "segments or its BACKWARD), e.g. --set group=False --set cuda_BACKWARD='triton'")
+                        help="change a FWD_CONFIG entry (bwd_KEY: BWD_CONFIG's; cuda_KEY: a setting of the CUDA "
+                             "backend: time segments, BACKWARD, CHECKPOINT, SUMS), e.g. --set group=False "
+                             "--set cuda_BACKWARD='triton'")
 
 
 def apply_settings(scan: ModuleType, items: list[str]) -> None:

@@ -153,6 +153,12 @@ def pointers(*ts: torch.Tensor | None) -> list[ctypes.c_void_p]:
     return [ctypes.c_void_p(0 if t is None else t.data_ptr()) for t in ts]
 
 
+def sizes(length: int, dim: int, B: torch.Tensor, C: torch.Tensor) -> list:
+    """What every scan.cu kernel takes after its tensors, as scan.py's _rows packs it."""
+    strides = (*B.stride()[:2], *C.stride()[:2])
+    return [ctypes.c_int(length), ctypes.c_int(dim)] + [ctypes.c_longlong(s) for s in strides]
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 # one segment with a part block at the walk's end; 13 segments of one block; 5 segments of three blocks
 @pytest.mark.parametrize(("batch", "length", "dim", "seg_blocks"), [(2, 37, 32, 99), (1, 200, 16, 1),
@@ -167,9 +173,7 @@ def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_block
     seg_state, seg_dt = torch.full((batch, n_seg, dim, 16), float("nan")), torch.full((batch, n_seg, dim), 0.0)
 
     def run(name: str, seg_state=None, seg_dt=None, init=None, saved=None) -> None:
-        strides = (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
-        getattr(host_kernels, name)(*pointers(*xs, out), ctypes.c_int(length), ctypes.c_int(dim),
-                                    *(ctypes.c_longlong(s) for s in strides), ctypes.c_int(seg_blocks),
+        getattr(host_kernels, name)(*pointers(*xs, out), *sizes(length, dim, B, C), ctypes.c_int(seg_blocks),
                                     *pointers(seg_state, seg_dt, init, saved), ctypes.c_int(batch),
                                     ctypes.c_int(n_seg))
 
@@ -209,11 +213,9 @@ def test_grad_cu_on_the_cpu(host_build, checkpoint, sums, reverse, batch, length
     seg_adj, seg_dt = torch.full((batch, n_seg, dim, 16), float("nan")), torch.full((batch, n_seg, dim), float("nan"))
 
     def run(name: str, init: torch.Tensor | None) -> None:
-        strides = (B.stride(0), B.stride(1), C.stride(0), C.stride(1))
-        getattr(host_kernels, name)(*pointers(*xs, dout, states, init), ctypes.c_int(length), ctypes.c_int(dim),
-                                    *(ctypes.c_longlong(s) for s in strides), ctypes.c_int(seg_len),
-                                    *pointers(seg_adj, seg_dt, du, ddelta, dz, dA, dD, dbias, dBC),
-                                    ctypes.c_int(batch), ctypes.c_int(n_seg))
+        outputs = pointers(seg_adj, seg_dt, du, ddelta, dz, dA, dD, dbias, dBC)
+        getattr(host_kernels, name)(*pointers(*xs, dout, states, init), *sizes(length, dim, B, C),
+                                    ctypes.c_int(seg_len), *outputs, ctypes.c_int(batch), ctypes.c_int(n_seg))
 
     direction = "rev" if reverse else "fwd"
     init = None

@@ -32,6 +32,8 @@ template <int P> __device__ __forceinline__ void cp_wait() { asm volatile("cp.as
 #endif
 
 __device__ __forceinline__ float bf(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : LN2 * lg2(1.f + ex2(x * LOG2E)); }
+__device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LOG2E)); }
 __device__ __forceinline__ void unpack(uint4 w, float (&f)[8]) {  // 8 bf16 -> 8 fp32 in registers
     const unsigned v[4] = {w.x, w.y, w.z, w.w};
     #pragma unroll
@@ -157,8 +159,7 @@ __device__ __forceinline__ void scan_fwd(
         #pragma unroll
         for (int g = 0; g < T / G; ++g) {
             const int off = dir * g * G;
-            const float dtr = bf(pdt[off * CH]) + bias_d;
-            const float dtv = dtr > 20.f ? dtr : LN2 * lg2(1.f + ex2(dtr * LOG2E));
+            const float dtv = softplus(bf(pdt[off * CH]) + bias_d);
             const float uo = bf(pu[off * CH]);
             const float dtu = dtv * uo;
             float part[G];
@@ -192,7 +193,7 @@ __device__ __forceinline__ void scan_fwd(
             if (STATE_ONLY) continue;
             const float y = G > 1 ? reduce_scatter<G>(part, r) : part[0];
             const float zo = bf(pz[off * CH]);
-            const float o = (y + Dd * uo) * zo * rcp(1.f + ex2(-zo * LOG2E));
+            const float o = (y + Dd * uo) * zo * sigmoid(zo);
             if ((unsigned)(own + off) < (unsigned)L) po[(ptrdiff_t)off * D] = to_bf(o);  // not past the walk's end
         }
     }
@@ -204,8 +205,6 @@ __device__ __forceinline__ void scan_fwd(
     }
 }
 
-__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : LN2 * lg2(1.f + ex2(x * LOG2E)); }
-__device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LOG2E)); }
 __device__ __forceinline__ float pair_sum(float x) { return x + __shfl_xor_sync(FULL, x, 1); }  // over a channel's lanes
 
 // dB (p[0 .. 7]) and dC (p[8 .. 15]) of lane (c, r)'s channel and states summed over the warp's 16 channels, through
@@ -291,6 +290,7 @@ __device__ __forceinline__ void scan_bwd(
         }
         cp_commit();
     };
+    auto dt_at = [&](int j) { return softplus(bf(s_dt[j * 16 + c]) + bias_d); };  // dt of step j of the chunk
     auto rows = [&](const bf16_t* s, int j, float (&f)[8]) { unpack(*(const uint4*)(s + j * N + n0), f); };
     auto gate = [&](int j, float& zo, float& sig) {  // dout * z * sigmoid(z) of step j of the chunk
         zo = bf(s_z[j * 16 + c]);
@@ -306,7 +306,7 @@ __device__ __forceinline__ void scan_bwd(
             cp_wait<0>();
             __syncwarp();
             for (int j = min(end, c0 + CHUNK) - 1 - c0; j >= 0; --j) {
-                const float dtv = softplus(bf(s_dt[j * 16 + c]) + bias_d);
+                const float dtv = dt_at(j);
                 float zo, sig, Cf[8];
                 const float g = gate(j, zo, sig);
                 rows(s_C, j, Cf);
@@ -328,7 +328,7 @@ __device__ __forceinline__ void scan_bwd(
     float dA_acc[NV] = {}, dD_acc = 0.f, dbias_acc = 0.f;
     float* const part = dBC + ((size_t)b * (D / 16) + blockIdx.x) * L * (2 * N) + (c < 8 ? 0 : N) + n0 + c % 8;
     auto advance = [&](float (&h)[NV], int j) {  // the state after step j of the chunk, from the one before it
-        const float dtv = softplus(bf(s_dt[j * 16 + c]) + bias_d), dtu = dtv * bf(s_u[j * 16 + c]);
+        const float dtv = dt_at(j), dtu = dtv * bf(s_u[j * 16 + c]);
         float Bf[8];
         rows(s_B, j, Bf);
         #pragma unroll
@@ -366,7 +366,7 @@ __device__ __forceinline__ void scan_bwd(
             #pragma unroll
             for (int m = 0; m < SUB; ++m) {  // steps past the chunk's end (only in the sequence's last) change nothing
                 const int j = j0 + m;
-                dts[m] = j < steps ? softplus(bf(s_dt[j * 16 + c]) + bias_d) : 0.f;
+                dts[m] = j < steps ? dt_at(j) : 0.f;
                 const float dtu = dts[m] * bf(s_u[j * 16 + c]);
                 float Bf[8];
                 rows(s_B, j, Bf);

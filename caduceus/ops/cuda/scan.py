@@ -252,8 +252,9 @@ class CudaSelectiveScanFn(triton_scan.SelectiveScanFn):
         if BACKWARD == "triton":
             return triton_scan.SelectiveScanFn.backward(ctx, dout)
         u, delta, A, B, C, D_, z, bias, states = ctx.saved_tensors
+        *_, reverse = ctx.flags
         du, ddelta, dz, dA, dD, dbias, dBC = scan_backward(u, delta, A, B, C, D_, z, bias, _dense(dout), states,
-                                                           ctx.flags[4])
+                                                           reverse)
         return triton_scan.SelectiveScanFn.gradients(ctx, B, C, du, ddelta, dz, dA, dD, dbias, dBC)
 
 

@@ -189,7 +189,7 @@ def test_scan_cu_on_the_cpu(host_kernels, reverse, batch, length, dim, seg_block
 
 
 # each checkpoint spacing and channel-sum grouping (scan.CHECKPOINT, scan.SUMS)
-@pytest.mark.parametrize(("checkpoint", "sums"), [(4, 1), (8, 1), (8, 2), (4, 4)])
+@pytest.mark.parametrize(("checkpoint", "sums"), [(4, 1), (8, 1), (8, 2), (4, 4), (16, 1), (16, 2)])
 @pytest.mark.parametrize("reverse", [False, True])
 # one segment with a part chunk and a part piece at the walk's end; 5 segments of one chunk; 2 segments of two chunks,
 # the last with a part piece

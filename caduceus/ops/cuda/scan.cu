@@ -234,10 +234,10 @@ __device__ __forceinline__ float column_sum(const float* sums, int lane) {
 // The backward, for the same rows and lanes as the forward (lane 2c + r: states 8r .. 8r + 7 of channel c), over one
 // segment of seg_len walk steps (a multiple of CHUNK; one segment: seg_len >= L), walked from its end. Each chunk of
 // CHUNK walk steps is recomputed twice from the state the forward saved before it: once forward, keeping the state
-// before every CK-th step in shared memory (GRAD_CHECKPOINT: 4 or 8 steps, 16 or 8 KB a warp; with 8, every other
-// piece first recomputes the 4 steps before it), then piece by piece backwards, each piece's states and decays in
-// registers, with the adjoint dh taken back over the piece. Its rows come from shared memory, copied there while the
-// previous chunk's backward walk ran. du, ddt and dz are (b, l, d) rows like u; dA (b, S, d, n),
+// before every CK-th step in shared memory (GRAD_CHECKPOINT: 4, 8 or 16 steps, 16, 8 or 4 KB a warp; past 4, a piece
+// first recomputes the steps from the checkpoint before it, 0 to CK - 4), then piece by piece backwards, each piece's
+// states and decays in registers, with the adjoint dh taken back over the piece. Its rows come from shared memory,
+// copied there while the previous chunk's backward walk ran. du, ddt and dz are (b, l, d) rows like u; dA (b, S, d, n),
 // dD and dbias (b, S, d) are sums over the segment; dBC (b, d / 16, l, 2n) holds dB then dC of each step summed over
 // the 16 channels (scan.py adds the channel blocks). These are the Triton backward's layouts (triton/scan.py). The
 // channel sums of GRAD_SUMS steps (1, 2 or 4; 2.3 KB of shared memory a warp each) are taken together, between one

@@ -31,8 +31,9 @@ CUT_BELOW, PROGRAMS = 512, 4096
 # measured 0.83-0.87x the Triton backward's speed on an H100; BENCHMARKS.md).
 BWD_CUT_BELOW, BWD_PROGRAMS = 2048, 4096
 BACKWARD = "triton"
-# scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 8 (8 KB a warp) or 4
-# (16 KB: fewer warps an SM, for 4 steps less recompute every 8; measured no faster anywhere, 10% slower at 64 x 1,024).
+# scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 8 (8 KB a warp), 4
+# (16 KB: fewer warps an SM, for 4 steps less recompute every 8; measured no faster anywhere, 10% slower at 64 x 1,024)
+# or 16 (4 KB: 11 warps an SM on an H100 against 9, for 1.5 steps of recompute a step against 0.5; not yet measured).
 CHECKPOINT = 8
 # scan.cu's backward sums dB and dC over its channels SUMS steps at a time (1, 2 or 4): fewer barriers between steps
 # for 2.3 KB more shared memory a warp per step; 1 is the one measured (BENCHMARKS.md).

@@ -64,7 +64,7 @@ def _check(status: int, what: str) -> None:
 
 
 @functools.cache
-def compile_cubin(arch: int, checkpoint: int = 8, sums: int = 1) -> bytes:
+def compile_cubin(arch: int, checkpoint: int, sums: int) -> bytes:
     """scan.cu as machine code for sm_<arch> (e.g. 90), its backward keeping a state every ``checkpoint`` steps and
     summing dB and dC over channels ``sums`` steps at a time."""
     path = nvrtc_path()

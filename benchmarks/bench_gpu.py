@@ -1,7 +1,7 @@
 """GPU benchmarks of the Triton backend: hardware floors, the selective scan alone, and the whole model.
 
     PYTHONPATH=. python benchmarks/bench_gpu.py [--scan [--shapes 16x131072x512,...]] [--model]
-                                                [--sweep [fwd|bwd]] [--entries 0,4] [--warm]
+                                                [--sweep [fwd|bwd|cuda]] [--entries 0,4] [--warm]
                                                 [--profile] [--baseline old_scan.py] [--cuda]
                                                 [--set KEY=VALUE ...] [--json out.json]
 
@@ -11,7 +11,7 @@ at that rate. Model numbers use fp32 parameters under bf16 autocast, as the upst
 step is forward, cross-entropy over every position, backward and an AdamW step. ``--baseline`` times another copy
 of ``caduceus/ops/triton/scan.py`` (say, the previous commit's, saved outside the package) next to the current one
 in the same run: the scan alone, and the 16-layer model at 131,072 bp with that scan as a backend. ``--cuda`` does
-the same for the CUDA backend (caduceus/ops/cuda). ``--set``
+the same for the CUDA backend (caduceus/ops/cuda); ``--sweep cuda`` times its settings. ``--set``
 changes the current scan's launch settings for the whole run (benchmarks/settings.py).
 """
 
@@ -181,6 +181,49 @@ def sweep(exp_rate: float, bandwidth: float, shape: tuple[int, int, int], direct
     return rows
 
 
+# The CUDA backend's settings (caduceus/ops/cuda/scan.py), each a change from its defaults, scan.cu's backward on:
+# dB and dC summed over channels 1 or 4 steps at a time, states kept every 16 or 4 steps, and the forward's time
+# segments cut for more programs or fewer.
+SWEEP_CUDA = [{},
+              {"SUMS": 1},
+              {"SUMS": 4},
+              {"CHECKPOINT": 16},
+              {"CHECKPOINT": 16, "SUMS": 1},
+              {"CHECKPOINT": 4, "SUMS": 4},
+              {"CUT_BELOW": 1024, "PROGRAMS": 2048},
+              {"CUT_BELOW": 1024, "PROGRAMS": 8192}]
+
+
+def sweep_cuda(exp_rate: float, bandwidth: float, shape: tuple[int, int, int],
+               entries: list[int] | None = None) -> list[dict]:
+    """The CUDA backend's settings (SWEEP_CUDA) at one shape, with scan.cu's backward (BACKWARD = "cuda"), between
+    two timings of the Triton scan in the same process: the ratios that decide its defaults."""
+    from caduceus.ops.cuda import scan as cuda_scan
+
+    default = {name: getattr(cuda_scan, name) for name in {"BACKWARD", *(k for cfg in SWEEP_CUDA for k in cfg)}}
+
+    def triton_row() -> dict:
+        row = bench_scan(*shape, exp_rate, bandwidth)
+        row.update(direction="cuda", config="triton")
+        print(f"  sweep {shape} triton: fwd {row['fwd_ms']:.3f} ms, bwd {row['bwd_ms']:.3f} ms", flush=True)
+        return row
+
+    rows = [triton_row()]
+    for index, cfg in enumerate(SWEEP_CUDA):
+        if entries is not None and index not in entries:
+            continue
+        for name, value in {**default, "BACKWARD": "cuda", **cfg}.items():
+            setattr(cuda_scan, name, value)
+        row = bench_scan(*shape, exp_rate, bandwidth, scan=cuda_scan.selective_scan)
+        row.update(direction="cuda", config={name: getattr(cuda_scan, name) for name in default})
+        rows.append(row)
+        print(f"  sweep {shape} cuda {cfg}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_over_exp_floor']:.2f}x), "
+              f"bwd {row['bwd_ms']:.3f} ms ({rows[0]['bwd_ms'] / row['bwd_ms']:.3f}x Triton's)", flush=True)
+    for name, value in default.items():
+        setattr(cuda_scan, name, value)
+    return rows + [triton_row()]
+
+
 def model_config(n_layer: int, d_model: int):
     from caduceus.configuration import CaduceusModelConfig
 
@@ -331,9 +374,10 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join("x".join(map(str, shape)) for shape in SCAN_SHAPES),
                         help="--scan: these BxLxD shapes")
     parser.add_argument("--model", action="store_true", help="whole-model throughput and memory")
-    parser.add_argument("--sweep", nargs="?", const="all", choices=["fwd", "bwd", "all"],
-                        help="launch configurations of the scan (forward, backward or both)")
-    parser.add_argument("--entries", help="--sweep: only these entries of SWEEP_FWD / SWEEP_BWD (0,4,5)")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["fwd", "bwd", "all", "cuda"],
+                        help="launch configurations of the Triton scan (forward, backward or both) or the CUDA "
+                             "backend's settings (cuda)")
+    parser.add_argument("--entries", help="--sweep: only these entries of SWEEP_FWD / SWEEP_BWD / SWEEP_CUDA (0,4,5)")
     parser.add_argument("--warm", action="store_true", help="--sweep: run each entry once untimed, then exit")
     parser.add_argument("--profile", action="store_true",
                         help="CUDA time per kind of kernel: the 16-layer model at 131,072 bp, d118 training")
@@ -350,7 +394,11 @@ def main() -> None:
     report["exp2_per_s"] = exp_rate = exp2_rate()
     report["copy_bytes_per_s"] = bandwidth = copy_bandwidth()
     print(f"{report['device']}: exp2 {exp_rate:.3e}/s, copy {bandwidth / 1e12:.2f} TB/s", flush=True)
-    if args.sweep:
+    if args.sweep == "cuda":
+        entries = [int(i) for i in args.entries.split(",")] if args.entries else None
+        report["sweep"] = [row for shape in [(16, 131072, 512), (1, 131072, 512), (64, 1024, 512)]
+                           for row in sweep_cuda(exp_rate, bandwidth, shape, entries)]
+    elif args.sweep:
         directions = ("fwd", "bwd") if args.sweep == "all" else (args.sweep,)
         entries = [int(i) for i in args.entries.split(",")] if args.entries else None
         report["sweep"] = [row for shape in [(16, 131072, 512), (1, 131072, 512), (256, 1024, 236)]

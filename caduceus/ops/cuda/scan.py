@@ -28,16 +28,17 @@ CHUNK = 64  # scan.cu saves the state every CHUNK walk steps; the Triton backwar
 # programs (batch rows x channel blocks) would run, into enough segments to make about PROGRAMS.
 CUT_BELOW, PROGRAMS = 512, 4096
 # The backward's segments (whole chunks), the same way; which backward runs: "triton" or "cuda" (scan.cu's, which
-# measured 0.83-0.87x the Triton backward's speed on an H100; BENCHMARKS.md).
+# measured 0.86-0.90x the Triton backward's speed on an H100; BENCHMARKS.md).
 BWD_CUT_BELOW, BWD_PROGRAMS = 2048, 4096
 BACKWARD = "triton"
 # scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 8 (8 KB a warp), 4
-# (16 KB: fewer warps an SM, for 4 steps less recompute every 8; measured no faster anywhere, 10% slower at 64 x 1,024)
-# or 16 (4 KB: 11 warps an SM on an H100 against 9, for 1.5 steps of recompute a step against 0.5; not yet measured).
+# (16 KB: fewer warps an SM, for 4 steps less recompute every 8) or 16 (4 KB: 11 warps an SM on an H100 against 9,
+# for 1.5 steps of recompute a step against 0.5). On an H100, 4 measured no faster than 8 anywhere (10% slower at
+# 64 x 1,024) and 16 13-30% slower everywhere (BENCHMARKS.md).
 CHECKPOINT = 8
 # scan.cu's backward sums dB and dC over its channels SUMS steps at a time (1, 2 or 4): fewer barriers between steps
-# for 2.3 KB more shared memory a warp per step; 1 is the one measured (BENCHMARKS.md).
-SUMS = 1
+# for 2.3 KB more shared memory a warp per step; 2 measured 2-5% faster than 1 on an H100, 4 slower than both.
+SUMS = 2
 KERNELS = ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state", "grad_fwd", "grad_rev", "grad_fwd_adjoint",
            "grad_rev_adjoint")
 

@@ -394,13 +394,12 @@ def main() -> None:
     report["exp2_per_s"] = exp_rate = exp2_rate()
     report["copy_bytes_per_s"] = bandwidth = copy_bandwidth()
     print(f"{report['device']}: exp2 {exp_rate:.3e}/s, copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    entries = [int(i) for i in args.entries.split(",")] if args.entries else None
     if args.sweep == "cuda":
-        entries = [int(i) for i in args.entries.split(",")] if args.entries else None
         report["sweep"] = [row for shape in [(16, 131072, 512), (1, 131072, 512), (64, 1024, 512)]
                            for row in sweep_cuda(exp_rate, bandwidth, shape, entries)]
     elif args.sweep:
         directions = ("fwd", "bwd") if args.sweep == "all" else (args.sweep,)
-        entries = [int(i) for i in args.entries.split(",")] if args.entries else None
         report["sweep"] = [row for shape in [(16, 131072, 512), (1, 131072, 512), (256, 1024, 236)]
                            for direction in directions
                            for row in sweep(exp_rate, bandwidth, shape, direction, entries, args.warm)]

@@ -200,7 +200,7 @@ def sweep_cuda(exp_rate: float, bandwidth: float, shape: tuple[int, int, int],
     two timings of the Triton scan in the same process: the ratios that decide its defaults."""
     from caduceus.ops.cuda import scan as cuda_scan
 
-    default = {name: getattr(cuda_scan, name) for name in {"BACKWARD", *(k for cfg in SWEEP_CUDA for k in cfg)}}
+    default = {name: getattr(cuda_scan, name) for name in cuda_scan.SETTINGS}
 
     def triton_row() -> dict:
         row = bench_scan(*shape, exp_rate, bandwidth)

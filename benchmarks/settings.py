@@ -10,22 +10,22 @@ from types import ModuleType
 
 def add_settings_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a FWD_CONFIG entry (bwd_KEY: BWD_CONFIG's; cuda_KEY: a setting of the CUDA "
-                             "backend: time segments, BACKWARD, CHECKPOINT, SUMS), e.g. --set group=False "
+                        help="change a FWD_CONFIG entry (bwd_KEY: BWD_CONFIG's; cuda_KEY: one of the CUDA "
+                             "backend's SETTINGS: time segments, BACKWARD, CHECKPOINT, SUMS), e.g. --set group=False "
                              "--set cuda_BACKWARD='triton'")
 
 
 def apply_settings(scan: ModuleType, items: list[str]) -> None:
-    """Set the scan module's FWD_CONFIG entries (``bwd_KEY``: BWD_CONFIG's; ``cuda_KEY``: the CUDA backend's
-    CUT_BELOW, PROGRAMS, their BWD_ twins, BACKWARD, CHECKPOINT or SUMS) from KEY=VALUE strings, values as Python
-    literals; a key that is not there is refused rather than added."""
+    """Set the scan module's FWD_CONFIG entries (``bwd_KEY``: BWD_CONFIG's; ``cuda_KEY``: one of the CUDA backend's
+    SETTINGS) from KEY=VALUE strings, values as Python literals; a key that is not there is refused rather than
+    added."""
     for item in items:
         key, sep, value = item.partition("=")
         if key.startswith("cuda_"):
             from caduceus.ops.cuda import scan as cuda_scan
 
             target, name = vars(cuda_scan), key.removeprefix("cuda_")
-            known = ("CUT_BELOW", "PROGRAMS", "BWD_CUT_BELOW", "BWD_PROGRAMS", "BACKWARD", "CHECKPOINT", "SUMS")
+            known = cuda_scan.SETTINGS
         else:
             target = scan.BWD_CONFIG if key.startswith("bwd_") else scan.FWD_CONFIG
             name = key.removeprefix("bwd_")

@@ -39,6 +39,8 @@ CHECKPOINT = 8
 # scan.cu's backward sums dB and dC over its channels SUMS steps at a time (1, 2 or 4): fewer barriers between steps
 # for 2.3 KB more shared memory a warp per step; 2 measured 2-5% faster than 1 on an H100, 4 slower than both.
 SUMS = 2
+# The settings above, by name: those the benchmarks may change for one run (benchmarks/settings.py).
+SETTINGS = ("CUT_BELOW", "PROGRAMS", "BWD_CUT_BELOW", "BWD_PROGRAMS", "BACKWARD", "CHECKPOINT", "SUMS")
 KERNELS = ("scan_fwd", "scan_rev", "scan_fwd_state", "scan_rev_state", "grad_fwd", "grad_rev", "grad_fwd_adjoint",
            "grad_rev_adjoint")
 

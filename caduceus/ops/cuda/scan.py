@@ -28,7 +28,7 @@ CHUNK = 64  # scan.cu saves the state every CHUNK walk steps; the Triton backwar
 # programs (batch rows x channel blocks) would run, into enough segments to make about PROGRAMS.
 CUT_BELOW, PROGRAMS = 512, 4096
 # The backward's segments (whole chunks), the same way; which backward runs: "triton" or "cuda" (scan.cu's, which
-# measured 0.86-0.90x the Triton backward's speed on an H100; BENCHMARKS.md).
+# measured 0.85-0.90x the Triton backward's speed on an H100; BENCHMARKS.md).
 BWD_CUT_BELOW, BWD_PROGRAMS = 2048, 4096
 BACKWARD = "triton"
 # scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 8 (8 KB a warp), 4

@@ -32,9 +32,9 @@ CUT_BELOW, PROGRAMS = 512, 4096
 BWD_CUT_BELOW, BWD_PROGRAMS = 2048, 4096
 BACKWARD = "triton"
 # scan.cu's backward keeps the state before every CHECKPOINT-th step of a chunk in shared memory: 8 (8 KB a warp), 4
-# (16 KB: fewer warps an SM, for 4 steps less recompute every 8) or 16 (4 KB: 11 warps an SM on an H100 against 9,
-# for 1.5 steps of recompute a step against 0.5). On an H100, 4 measured no faster than 8 anywhere (10% slower at
-# 64 x 1,024) and 16 13-30% slower everywhere (BENCHMARKS.md).
+# (16 KB: fewer warps an SM, for 4 steps less recompute every 8) or 16 (4 KB: 10 warps an SM on an H100 against 8 at
+# SUMS = 2, for 1.5 steps of recompute a step against 0.5). On an H100, 4 measured no faster than 8 anywhere (10%
+# slower at 64 x 1,024) and 16 13-30% slower everywhere (BENCHMARKS.md).
 CHECKPOINT = 8
 # scan.cu's backward sums dB and dC over its channels SUMS steps at a time (1, 2 or 4): fewer barriers between steps
 # for 2.3 KB more shared memory a warp per step; 2 measured 2-5% faster than 1 on an H100, 4 slower than both.

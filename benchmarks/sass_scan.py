@@ -5,7 +5,12 @@ caduceus/ops/triton/scan.py).
     PYTHONPATH=. python benchmarks/sass_scan.py [--batch 16] [--length 4096] [--dim 512] [--dtype bfloat16]
                                                 [--set KEY=VALUE ...] [--file scan.py] [--sass DIR] [--arch 90]
     PYTHONPATH=. python benchmarks/sass_scan.py --cuda [--arch 90] [--sass DIR] [--set cuda_CHECKPOINT=4]
-                                                [--set cuda_SUMS=4]
+                                                [--set cuda_SUMS=4] [--file scan.cu]
+    add --cycles to either for the issue model's cycles a loop iteration
+
+With ``--cycles``, each loop also gets the cycles an iteration takes in an issue model of one SM sub-partition
+(``issue_cycles``) running 1, 2 or 4 warps of it: a way to compare variants of a kernel offline. Checked against the
+H100 (BENCHMARKS.md): within 5% for the forward loops at one warp a sub-partition, 13% optimistic at four.
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
 device (an H100: sm_90; ``--arch 75`` a T4, which the kernels must also compile for), and launches compile without
@@ -108,10 +113,78 @@ def mufu_stats(ops: list[str]) -> tuple[int, int, int]:
     return len(ops), sum(mufu), longest
 
 
-def loops(sass: str) -> list[tuple[int, tuple[int, int, int], list[tuple[int, tuple[int, int, int]]]]]:
+# The issue model. Since Volta each instruction carries scheduling controls set by the compiler (the top 23 bits of its
+# 128-bit word): cycles to wait before the next instruction issues, the scoreboard its variable-latency result will
+# release (and the one its register reads release), and the scoreboards it waits on. The model issues in order, at most
+# one instruction a cycle, honours these, and adds what they leave out: when each variable-latency result is ready
+# (LATENCY, estimates), and how long a warp instruction keeps a pipe busy (pipe_of). Several warps take turns (loose
+# round robin). Forward branches fall through (a loop's rare side paths count as taken every iteration), and the memory
+# system never stalls.
+LATENCY = {"MUFU": 20, "LDS": 30, "SHFL": 26, "S2R": 20}  # other variable-latency instructions: 20
+READ_RELEASE = 6  # cycles until a memory instruction has read its registers
+FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FSET", "FCHK")
+MEMORY = ("LDS", "LDSM", "STS", "LDG", "STG", "LDGSTS", "SHFL", "LD", "ST", "LDC", "RED", "ATOMS", "ATOMG")
+
+
+def pipe_of(name: str) -> tuple[str, int]:
+    """The pipe an instruction (by its name without modifiers) issues to, and the cycles a warp instruction keeps it
+    busy on an H100 SM sub-partition (MUFU: 4 lanes a cycle; integer ALU and IMAD: 16)."""
+    if name in ("MUFU", "F2F", "I2F", "F2I"):
+        return "xu", 8
+    if name in ("IMAD", "IMUL"):
+        return "fma-heavy", 2
+    if name in FP32:
+        return "fma", 1
+    return ("lsu", 1) if name in MEMORY else ("alu", 2)
+
+
+def controls(high: int) -> tuple[int, int, int, int]:
+    """(stall cycles, write scoreboard, read scoreboard, wait mask) from an instruction's upper 64 bits (7: none)."""
+    bits = high >> 41
+    return bits & 15, bits >> 5 & 7, bits >> 8 & 7, bits >> 11 & 63
+
+
+def issue_cycles(body: list[tuple[str, int]], warps: int = 1, iterations: int = 6) -> float:
+    """Cycles one iteration of a loop body ((instruction, upper word) in issue order) takes each warp when ``warps``
+    copies of it share an SM sub-partition, in the issue model above (steady state: the first iteration is left out)."""
+    ops = []
+    for text, high in body:
+        name = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+        ops.append((*controls(high), LATENCY.get(name, 20), *pipe_of(name)))
+    pc, done, ready = [0] * warps, [[] for _ in range(warps)], [0] * warps
+    boards = [[0] * 6 for _ in range(warps)]
+    pipe_free: dict[str, int] = {}
+    cycle, last = 0, 0
+    while min(len(d) for d in done) < iterations:
+        for k in range(warps):
+            w = (last + 1 + k) % warps
+            stall, write, read, wait, latency, pipe, busy = ops[pc[w]]
+            if ready[w] > cycle or pipe_free.get(pipe, 0) > cycle:
+                continue
+            if any(wait >> b & 1 and boards[w][b] > cycle for b in range(6)):
+                continue
+            pipe_free[pipe] = cycle + busy
+            if write != 7:
+                boards[w][write] = max(boards[w][write], cycle + latency)
+            if read != 7:
+                boards[w][read] = max(boards[w][read], cycle + READ_RELEASE)
+            ready[w] = cycle + max(stall, 1)
+            pc[w] = (pc[w] + 1) % len(ops)
+            if pc[w] == 0:
+                done[w].append(cycle)
+            last = w
+            break
+        cycle += 1
+    return sum((d[-1] - d[0]) / (len(d) - 1) for d in done) / warps
+
+
+def loops(sass: str) -> list[tuple[int, tuple[int, int, int], list[tuple[int, tuple[int, int, int]]], list]]:
     """Each innermost loop (a backward branch with no other backward branch inside its body): its first address,
-    mufu_stats of its body, and the same for each basic block of the body (from one label to the next: the two
-    sides of a branch inside the loop, such as the masked and unmasked variants of a piece, are separate blocks)."""
+    mufu_stats of its body, the same for each basic block of the body (from one label to the next: the two sides of a
+    branch inside the loop, such as the masked and unmasked variants of a piece, are separate blocks), and the body as
+    (instruction, upper word) pairs for issue_cycles (``nvdisasm -hex`` prints the words)."""
+    words = {int(a, 16): int(w, 16) for a, w in
+             re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*\n\s*/\* (0x[0-9a-f]{16}) \*/", sass)}
     code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     labels = {name: int(addr, 16) for name, addr in re.findall(r"(\.L_x_\d+):\s*\n\s*/\*([0-9a-f]+)\*/", sass)}
     branches = set()
@@ -125,12 +198,14 @@ def loops(sass: str) -> list[tuple[int, tuple[int, int, int], list[tuple[int, tu
             continue
         cuts = sorted({s, e + 1} | {a for a in labels.values() if s < a <= e})
         blocks = [(lo, mufu_stats([op for a, op in code if lo <= a < hi])) for lo, hi in zip(cuts, cuts[1:])]
-        out.append((s, mufu_stats([op for a, op in code if s <= a <= e]), blocks))
+        body = [(op, words.get(a, 0)) for a, op in code if s <= a <= e]
+        out.append((s, mufu_stats([op for op, _ in body]), blocks, body))
     return out
 
 
-def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None) -> None:
-    """Registers, spills and the loops' instruction and MUFU counts of one kernel's machine code."""
+def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None, cycles: bool = False) -> None:
+    """Registers, spills and the loops' instruction and MUFU counts of one kernel's machine code (with ``cycles``,
+    also the issue model's cycles an iteration)."""
     file = re.sub(r"[^A-Za-z0-9_=]+", "_", name)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, file + ".cubin")
@@ -138,7 +213,7 @@ def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None
             f.write(cubin)
         usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", path],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], capture_output=True, text=True,
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-hex", "-c", path], capture_output=True, text=True,
                               check=True).stdout
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)
@@ -152,21 +227,27 @@ def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None
     for fn, code in zip(parts[1::2], parts[2::2]):
         regs, stack = usage[fn]
         print(f"{name if len(usage) == 1 else fn}: {regs} registers, stack {stack} bytes")
-        for start, (count, mufu, run), blocks in loops(code):
+        for start, (count, mufu, run), blocks, body in loops(code):
             if count >= 40:
                 print(f"  loop at {start:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a row)")
+                if cycles:
+                    model = ", ".join(f"{issue_cycles(body, w):.0f} a warp at {w}" for w in (1, 2, 4))
+                    print(f"    issue model, cycles an iteration: {model} warps a sub-partition")
                 for block, (count, mufu, run) in blocks if len(blocks) > 1 else ():
                     if count >= 40:
                         print(f"    block at {block:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a "
                               "row)")
 
 
-def report_cuda(arch: int, sass_dir: str | None) -> None:
-    """The CUDA backend's scan.cu, compiled by NVRTC (PyTorch's CUDA wheels bring it; on a CPU-only machine
-    ``pip install nvidia-cuda-nvrtc``), one cubin holding all its entry points."""
-    from caduceus.ops.cuda.scan import CHECKPOINT, SUMS, compile_cubin
+def report_cuda(arch: int, sass_dir: str | None, cycles: bool = False, path: str | None = None) -> None:
+    """The CUDA backend's scan.cu (or another copy of it), compiled by NVRTC (PyTorch's CUDA wheels bring it; on a
+    CPU-only machine ``pip install nvidia-cuda-nvrtc``), one cubin holding all its entry points."""
+    from pathlib import Path
 
-    report(f"scan.cu sm_{arch}", compile_cubin(arch, CHECKPOINT, SUMS), sass_dir)
+    from caduceus.ops.cuda.scan import CHECKPOINT, SOURCE, SUMS, compile_cubin
+
+    cubin = compile_cubin(arch, CHECKPOINT, SUMS, Path(path) if path else SOURCE)
+    report(f"scan.cu sm_{arch}", cubin, sass_dir, cycles=cycles)
 
 
 def main() -> None:
@@ -176,19 +257,21 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     add_settings_argument(parser)
-    parser.add_argument("--file", help="compile this copy of scan.py instead of the package's")
+    parser.add_argument("--file", help="compile this copy of scan.py (with --cuda: of scan.cu) instead of the "
+                        "package's")
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: H100)")
     parser.add_argument("--cuda", action="store_true", help="the CUDA backend's scan.cu (NVRTC) instead")
+    parser.add_argument("--cycles", action="store_true", help="each loop's cycles an iteration in the issue model")
     args = parser.parse_args()
     if args.cuda:
         apply_settings(load_scan(None), args.set)  # cuda_CHECKPOINT=8, say
-        report_cuda(args.arch, args.sass)
+        report_cuda(args.arch, args.sass, args.cycles, args.file)
         return
     kernels = compile_scan(args.batch, args.length, args.dim, path=args.file, dtype=getattr(torch, args.dtype),
                            settings=args.set, arch=args.arch)
     for name, kernel in kernels.items():
-        report(name, kernel.asm["cubin"], args.sass, kernel.asm["ptx"])
+        report(name, kernel.asm["cubin"], args.sass, kernel.asm["ptx"], args.cycles)
 
 if __name__ == "__main__":
     main()

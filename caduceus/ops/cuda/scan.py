@@ -67,15 +67,15 @@ def _check(status: int, what: str) -> None:
 
 
 @functools.cache
-def compile_cubin(arch: int, checkpoint: int, sums: int) -> bytes:
-    """scan.cu as machine code for sm_<arch> (e.g. 90), its backward keeping a state every ``checkpoint`` steps and
-    summing dB and dC over channels ``sums`` steps at a time."""
+def compile_cubin(arch: int, checkpoint: int, sums: int, source: Path = SOURCE) -> bytes:
+    """scan.cu (or another copy of it, ``source``: a variant under study) as machine code for sm_<arch> (e.g. 90), its
+    backward keeping a state every ``checkpoint`` steps and summing dB and dC over channels ``sums`` steps at a time."""
     path = nvrtc_path()
     if path is None:
         raise RuntimeError("the CUDA scan backend needs NVRTC (libnvrtc), which came with neither PyTorch nor CUDA")
     nvrtc = ctypes.CDLL(path)
     prog = ctypes.c_void_p()
-    _check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"scan.cu", 0, None, None),
+    _check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.read_bytes(), b"scan.cu", 0, None, None),
            "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"-default-device", b"--ftz=true",
@@ -87,7 +87,7 @@ def compile_cubin(arch: int, checkpoint: int, sums: int) -> bytes:
             nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
             nvrtc.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile {SOURCE} for sm_{arch}:\n{log.value.decode()}")
+            raise RuntimeError(f"NVRTC could not compile {source} for sm_{arch}:\n{log.value.decode()}")
         size = ctypes.c_size_t()
         _check(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
         cubin = ctypes.create_string_buffer(size.value)

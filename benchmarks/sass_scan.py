@@ -9,8 +9,10 @@ caduceus/ops/triton/scan.py).
     add --cycles to either for the issue model's cycles a loop iteration
 
 With ``--cycles``, each loop also gets the cycles an iteration takes in an issue model of one SM sub-partition
-(``issue_cycles``) running 1, 2 or 4 warps of it: a way to compare variants of a kernel offline. Checked against the
-H100 (BENCHMARKS.md): within 5% for the forward loops at one warp a sub-partition, 13% optimistic at four.
+(benchmarks/issue_model.py) running 1, 2 or 4 warps of it, and its bounds (the MUFU pipe's cycles and the issue slots a
+warp needs): a way to compare variants of a kernel offline. Checked against the H100 (BENCHMARKS.md): within 3% for
+the forward at one warp a sub-partition, 14-18% optimistic with more warps or a large loop, far off for tiles of 4
+states a lane.
 
 Triton's own ptxas, cuobjdump and nvdisasm do the work; a stand-in driver answers Triton's questions about the
 device (an H100: sm_90; ``--arch 75`` a T4, which the kernels must also compile for), and launches compile without
@@ -33,6 +35,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver, jit
 
+from benchmarks.issue_model import issue_cycles
 from benchmarks.settings import add_settings_argument, apply_settings
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -113,71 +116,6 @@ def mufu_stats(ops: list[str]) -> tuple[int, int, int]:
     return len(ops), sum(mufu), longest
 
 
-# The issue model. Since Volta each instruction carries scheduling controls set by the compiler (the top 23 bits of its
-# 128-bit word): cycles to wait before the next instruction issues, the scoreboard its variable-latency result will
-# release (and the one its register reads release), and the scoreboards it waits on. The model issues in order, at most
-# one instruction a cycle, honours these, and adds what they leave out: when each variable-latency result is ready
-# (LATENCY, estimates), and how long a warp instruction keeps a pipe busy (pipe_of). Several warps take turns (loose
-# round robin). Forward branches fall through (a loop's rare side paths count as taken every iteration), and the memory
-# system never stalls.
-LATENCY = {"MUFU": 20, "LDS": 30, "SHFL": 26, "S2R": 20}  # other variable-latency instructions: 20
-READ_RELEASE = 6  # cycles until a memory instruction has read its registers
-FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FSET", "FCHK")
-MEMORY = ("LDS", "LDSM", "STS", "LDG", "STG", "LDGSTS", "SHFL", "LD", "ST", "LDC", "RED", "ATOMS", "ATOMG")
-
-
-def pipe_of(name: str) -> tuple[str, int]:
-    """The pipe an instruction (by its name without modifiers) issues to, and the cycles a warp instruction keeps it
-    busy on an H100 SM sub-partition (MUFU: 4 lanes a cycle; integer ALU and IMAD: 16)."""
-    if name in ("MUFU", "F2F", "I2F", "F2I"):
-        return "xu", 8
-    if name in ("IMAD", "IMUL"):
-        return "fma-heavy", 2
-    if name in FP32:
-        return "fma", 1
-    return ("lsu", 1) if name in MEMORY else ("alu", 2)
-
-
-def controls(high: int) -> tuple[int, int, int, int]:
-    """(stall cycles, write scoreboard, read scoreboard, wait mask) from an instruction's upper 64 bits (7: none)."""
-    bits = high >> 41
-    return bits & 15, bits >> 5 & 7, bits >> 8 & 7, bits >> 11 & 63
-
-
-def issue_cycles(body: list[tuple[str, int]], warps: int = 1, iterations: int = 6) -> float:
-    """Cycles one iteration of a loop body ((instruction, upper word) in issue order) takes each warp when ``warps``
-    copies of it share an SM sub-partition, in the issue model above (steady state: the first iteration is left out)."""
-    ops = []
-    for text, high in body:
-        name = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-        ops.append((*controls(high), LATENCY.get(name, 20), *pipe_of(name)))
-    pc, done, ready = [0] * warps, [[] for _ in range(warps)], [0] * warps
-    boards = [[0] * 6 for _ in range(warps)]
-    pipe_free: dict[str, int] = {}
-    cycle, last = 0, 0
-    while min(len(d) for d in done) < iterations:
-        for k in range(warps):
-            w = (last + 1 + k) % warps
-            stall, write, read, wait, latency, pipe, busy = ops[pc[w]]
-            if ready[w] > cycle or pipe_free.get(pipe, 0) > cycle:
-                continue
-            if any(wait >> b & 1 and boards[w][b] > cycle for b in range(6)):
-                continue
-            pipe_free[pipe] = cycle + busy
-            if write != 7:
-                boards[w][write] = max(boards[w][write], cycle + latency)
-            if read != 7:
-                boards[w][read] = max(boards[w][read], cycle + READ_RELEASE)
-            ready[w] = cycle + max(stall, 1)
-            pc[w] = (pc[w] + 1) % len(ops)
-            if pc[w] == 0:
-                done[w].append(cycle)
-            last = w
-            break
-        cycle += 1
-    return sum((d[-1] - d[0]) / (len(d) - 1) for d in done) / warps
-
-
 def loops(sass: str) -> list[tuple[int, tuple[int, int, int], list[tuple[int, tuple[int, int, int]]], list]]:
     """Each innermost loop (a backward branch with no other backward branch inside its body): its first address,
     mufu_stats of its body, the same for each basic block of the body (from one label to the next: the two sides of a
@@ -232,7 +170,8 @@ def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None
                 print(f"  loop at {start:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a row)")
                 if cycles:
                     model = ", ".join(f"{issue_cycles(body, w):.0f} a warp at {w}" for w in (1, 2, 4))
-                    print(f"    issue model, cycles an iteration: {model} warps a sub-partition")
+                    print(f"    issue model, cycles an iteration: {model} warps a sub-partition (bounds a warp: "
+                          f"MUFU pipe {8 * mufu}, issue {count})")
                 for block, (count, mufu, run) in blocks if len(blocks) > 1 else ():
                     if count >= 40:
                         print(f"    block at {block:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a "

@@ -35,7 +35,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver, jit
 
-from benchmarks.issue_model import issue_cycles
+from benchmarks.issue_model import issue_cycles, pipe_of
 from benchmarks.settings import add_settings_argument, apply_settings
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -171,7 +171,7 @@ def report(name: str, cubin: bytes, sass_dir: str | None, ptx: str | None = None
                 if cycles:
                     model = ", ".join(f"{issue_cycles(body, w):.0f} a warp at {w}" for w in (1, 2, 4))
                     print(f"    issue model, cycles an iteration: {model} warps a sub-partition (bounds a warp: "
-                          f"MUFU pipe {8 * mufu}, issue {count})")
+                          f"MUFU pipe {pipe_of('MUFU')[1] * mufu}, issue {count})")
                 for block, (count, mufu, run) in blocks if len(blocks) > 1 else ():
                     if count >= 40:
                         print(f"    block at {block:#06x}: {count} instructions, {mufu} MUFU (at most {run} in a "
